@@ -1,0 +1,325 @@
+"""Noise processes x_t = alpha(t) * x0 + sigma(t) * eps.
+
+Every process exposes the same small interface, in its own time variable `t`:
+
+- `alpha(t)`, `sigma(t)`: the signal and noise scales;
+- `ve_sigma(t)` = sigma/alpha, the variance-exploding noise level (written sigma-tilde in the
+  docs), and its inverse `t_of(ve_sigma)`;
+- `cond(t)`: the value the network is conditioned on (training timestep, continuous t, c_noise),
+  and its inverse `t_of_cond(c)`;
+- `t_min`, `t_max`: the range of t a sampler may visit, and `prior_scale(ve_sigma)`: the factor
+  that turns standard normal noise into the VE-view state x/alpha at the first noise level.
+
+References: DDPM (Ho et al. 2020) and diffusers' beta schedules for `DiscreteVP`; score_sde
+(Song et al. 2021, App. B) for continuous VP/VE; iDDPM (Nichol & Dhariwal 2021) for the cosine
+schedule in DPM-Solver's continuous form (Lu et al. 2022, App. D); EDM (Karras et al. 2022,
+Table 1); rectified flow (Liu et al. 2022) / SD3 (Esser et al. 2024).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _pytree(data=(), meta=()):
+    """Frozen dataclass registered as a pytree: `data` fields are leaves, the rest are static."""
+
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        return jax.tree_util.register_dataclass(
+            cls, data_fields=list(data), meta_fields=[f for f in fields if f not in data]
+        )
+
+    return wrap
+
+
+def _f(x):
+    """Array in the working float dtype (float32, or float64 when x64 is enabled)."""
+    return jnp.asarray(x, dtype=jnp.result_type(float))
+
+
+class Process:
+    """Shared derived quantities; subclasses define alpha, sigma, ve_sigma, t_of, cond."""
+
+    def lam(self, t):
+        """Half log-SNR, lambda = log(alpha/sigma) = -log(ve_sigma)."""
+        return -jnp.log(self.ve_sigma(t))
+
+    @property
+    def sigma_min(self):
+        """Smallest VE noise level the process reaches (at t_min)."""
+        return self.ve_sigma(_f(self.t_min))
+
+    @property
+    def sigma_max(self):
+        """Largest VE noise level the process reaches (at t_max)."""
+        return self.ve_sigma(_f(self.t_max))
+
+    def prior_scale(self, ve_sigma):
+        """x/alpha = prior_scale * noise at the start: variance-preserving families start at
+        x = noise (diffusers' init_noise_sigma = sqrt(1 + ve_sigma^2))."""
+        return jnp.sqrt(1.0 + jnp.square(ve_sigma))
+
+
+@_pytree(data=("alphas_cumprod",))
+class DiscreteVP(Process):
+    """DDPM-style process over integer training timesteps 0..T-1, from alphas_cumprod.
+
+    Between training timesteps log(ve_sigma) is interpolated linearly (`interpolation="log"`, as
+    DPM-Solver and diffusers' `_sigma_to_t` do) or ve_sigma itself (`"linear"`, as diffusers'
+    Euler/Heun/LMS schedulers do for fractional timesteps). The network is called with the
+    (possibly fractional) timestep.
+    """
+
+    alphas_cumprod: np.ndarray
+    interpolation: str = "log"
+
+    def __post_init__(self):
+        if self.interpolation not in ("log", "linear"):
+            raise ValueError(
+                f"interpolation={self.interpolation!r} is not supported; use 'log' or 'linear'"
+            )
+
+    @classmethod
+    def from_betas(cls, betas, **kw):
+        return cls(alphas_cumprod=np.cumprod(1.0 - np.asarray(betas, np.float64)), **kw)
+
+    @classmethod
+    def linear(cls, beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000, **kw):
+        """diffusers' `beta_schedule="linear"` (DDPM)."""
+        return cls.from_betas(np.linspace(beta_start, beta_end, num_train_timesteps), **kw)
+
+    @classmethod
+    def scaled_linear(cls, beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, **kw):
+        """diffusers' `beta_schedule="scaled_linear"` (latent diffusion / Stable Diffusion)."""
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps) ** 2
+        return cls.from_betas(betas, **kw)
+
+    @classmethod
+    def cosine(cls, num_train_timesteps=1000, s=0.008, max_beta=0.999, **kw):
+        """diffusers' `beta_schedule="squaredcos_cap_v2"` (iDDPM cosine, betas capped)."""
+        T = num_train_timesteps
+        abar = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731
+        i = np.arange(T, dtype=np.float64)
+        betas = np.minimum(1.0 - abar((i + 1) / T) / abar(i / T), max_beta)
+        return cls.from_betas(betas, **kw)
+
+    @property
+    def num_train_timesteps(self):
+        return int(np.shape(self.alphas_cumprod)[0])
+
+    @property
+    def t_min(self):
+        return 0.0
+
+    @property
+    def t_max(self):
+        return float(self.num_train_timesteps - 1)
+
+    @property
+    def train_sigmas(self):
+        """ve_sigma at the integer training timesteps, increasing."""
+        abar = _f(self.alphas_cumprod)
+        return jnp.sqrt((1.0 - abar) / abar)
+
+    def ve_sigma(self, t):
+        grid = jnp.arange(self.num_train_timesteps, dtype=jnp.result_type(float))
+        if self.interpolation == "log":
+            return jnp.exp(jnp.interp(_f(t), grid, jnp.log(self.train_sigmas)))
+        return jnp.interp(_f(t), grid, self.train_sigmas)
+
+    def t_of(self, ve_sigma):
+        grid = jnp.arange(self.num_train_timesteps, dtype=jnp.result_type(float))
+        if self.interpolation == "log":
+            return jnp.interp(jnp.log(_f(ve_sigma)), jnp.log(self.train_sigmas), grid)
+        return jnp.interp(_f(ve_sigma), self.train_sigmas, grid)
+
+    def alpha(self, t):
+        return jax.lax.rsqrt(1.0 + jnp.square(self.ve_sigma(t)))
+
+    def sigma(self, t):
+        s = self.ve_sigma(t)
+        return s * jax.lax.rsqrt(1.0 + jnp.square(s))
+
+    def cond(self, t):
+        return _f(t)
+
+    def t_of_cond(self, c):
+        return _f(c)
+
+
+class _VEView(Process):
+    """Processes defined through log alpha(t); sigma = sqrt(1 - alpha^2) (variance preserving)."""
+
+    def alpha(self, t):
+        return jnp.exp(self.log_alpha(t))
+
+    def sigma(self, t):
+        return jnp.sqrt(-jnp.expm1(2.0 * self.log_alpha(t)))
+
+    def ve_sigma(self, t):
+        return jnp.sqrt(jnp.expm1(-2.0 * self.log_alpha(t)))
+
+    def cond(self, t):
+        return _f(t) * self.time_scale
+
+    def t_of_cond(self, c):
+        return _f(c) / self.time_scale
+
+
+@_pytree()
+class VPLinear(_VEView):
+    """Continuous VP SDE with linear beta(t) (score_sde DDPM++): log alpha = -t^2 db/4 - t b0/2."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    time_scale: float = 1.0  # score_sde's DDPM++ conditions on 999 * t
+
+    def log_alpha(self, t):
+        t = _f(t)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def t_of(self, ve_sigma):
+        b0, db = self.beta_min, self.beta_max - self.beta_min
+        log1p_s2 = jnp.log1p(jnp.square(_f(ve_sigma)))  # = -2 log alpha
+        return 2.0 * log1p_s2 / (b0 + jnp.sqrt(b0**2 + 2.0 * db * log1p_s2))
+
+
+@_pytree()
+class VPCosine(_VEView):
+    """Continuous cosine VP (iDDPM), in DPM-Solver's normalisation with alpha(0) = 1."""
+
+    s: float = 0.008
+    t_min: float = 1e-3
+    t_max: float = 0.9946  # DPM-Solver's cap, where alpha is still representable
+    time_scale: float = 1.0
+
+    def _phase(self, t):
+        return (_f(t) + self.s) / (1.0 + self.s) * (math.pi / 2)
+
+    def log_alpha(self, t):
+        return jnp.log(jnp.cos(self._phase(t))) - math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+
+    def t_of(self, ve_sigma):
+        log_alpha = -0.5 * jnp.log1p(jnp.square(_f(ve_sigma)))
+        c0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+        return 2.0 * (1.0 + self.s) / math.pi * jnp.arccos(jnp.exp(log_alpha + c0)) - self.s
+
+
+@_pytree()
+class VE(Process):
+    """Variance-exploding SDE (score_sde NCSN++): sigma(t) = sigma_lo * (sigma_hi/sigma_lo)^t.
+
+    The network is conditioned on sigma itself."""
+
+    sigma_lo: float = 0.01
+    sigma_hi: float = 50.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def alpha(self, t):
+        return jnp.ones_like(_f(t))
+
+    def sigma(self, t):
+        return self.sigma_lo * (self.sigma_hi / self.sigma_lo) ** _f(t)
+
+    def ve_sigma(self, t):
+        return self.sigma(t)
+
+    def t_of(self, ve_sigma):
+        return jnp.log(_f(ve_sigma) / self.sigma_lo) / math.log(self.sigma_hi / self.sigma_lo)
+
+    def cond(self, t):
+        return self.sigma(t)
+
+    def t_of_cond(self, c):
+        return self.t_of(c)
+
+    def prior_scale(self, ve_sigma):
+        return ve_sigma
+
+
+@_pytree()
+class EDM(Process):
+    """EDM (Karras et al. 2022): t = sigma, alpha = 1; the network sees c_noise = ln(sigma)/4.
+
+    Use it with `prediction="edm"` for the c_skip/c_out/c_in preconditioning."""
+
+    sigma_data: float = 0.5
+    t_min: float = 0.002
+    t_max: float = 80.0
+
+    def alpha(self, t):
+        return jnp.ones_like(_f(t))
+
+    def sigma(self, t):
+        return _f(t)
+
+    def ve_sigma(self, t):
+        return _f(t)
+
+    def t_of(self, ve_sigma):
+        return _f(ve_sigma)
+
+    def cond(self, t):
+        return 0.25 * jnp.log(_f(t))
+
+    def t_of_cond(self, c):
+        return jnp.exp(4.0 * _f(c))
+
+    def prior_scale(self, ve_sigma):
+        return ve_sigma
+
+
+@_pytree()
+class RectifiedFlow(Process):
+    """Rectified flow / flow matching: alpha = 1 - t, sigma = t (SD3, Flux).
+
+    The VE view needs alpha > 0, so sampling starts at `t_max` slightly below 1; the default
+    1 - 1e-4 leaves a 1e-4 share of signal in the starting point. `time_scale=1000` gives SD3's
+    conditioning."""
+
+    t_min: float = 1e-4
+    t_max: float = 1.0 - 1e-4
+    time_scale: float = 1.0
+
+    def alpha(self, t):
+        return 1.0 - _f(t)
+
+    def sigma(self, t):
+        return _f(t)
+
+    def ve_sigma(self, t):
+        t = _f(t)
+        return t / (1.0 - t)
+
+    def t_of(self, ve_sigma):
+        s = _f(ve_sigma)
+        return s / (1.0 + s)
+
+    def cond(self, t):
+        return _f(t) * self.time_scale
+
+    def t_of_cond(self, c):
+        return _f(c) / self.time_scale
+
+    def prior_scale(self, ve_sigma):
+        return 1.0 + ve_sigma  # x = noise at the start, so x/alpha = noise * (1 + ve_sigma)
+
+
+PROCESSES = {
+    "discrete_vp": DiscreteVP,
+    "vp_linear": VPLinear,
+    "vp_cosine": VPCosine,
+    "ve": VE,
+    "edm": EDM,
+    "rectified_flow": RectifiedFlow,
+}

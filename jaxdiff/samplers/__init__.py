@@ -1,0 +1,21 @@
+"""Samplers: one plain jittable function per algorithm (see `base` for the shared contract).
+
+`SAMPLERS` maps each name to its function; it is the only registry.
+"""
+
+from jaxdiff.samplers import multistep, ode, single, stochastic, unipc
+
+SAMPLERS = {
+    **single.SAMPLERS,
+    **multistep.SAMPLERS,
+    **unipc.SAMPLERS,
+    **stochastic.SAMPLERS,
+    **ode.SAMPLERS,
+}
+
+
+def get(name):
+    """The sampler function called `name`."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler={name!r} is unknown; allowed: {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[name]

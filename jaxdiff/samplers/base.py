@@ -1,0 +1,85 @@
+"""The loop every sampler shares, and the contract it implies.
+
+A sampler is a plain function `sampler(denoiser, x, sigmas, *, num_steps=None, trajectory=False,
+[key,] **options)`:
+
+- `denoiser(x, sigma) -> x0-hat` in the VE view (see `jaxdiff.denoiser`); `sigma` is a scalar.
+- `x` is the state at `sigmas[0]`, already scaled (VE view: x0 + sigma * eps).
+- `sigmas` is a decreasing 1-D grid, usually ending at 0. It may be padded to a fixed capacity:
+  only `sigmas[: num_steps + 1]` is used. `num_steps` may be a traced integer, so changing the
+  number of steps, or the grid's values, reuses one compiled program.
+- Returns the final state, or `(x, traj)` with `traj[k]` the state after k steps when
+  `trajectory=True` (`traj` has `len(sigmas)` rows; rows past `num_steps` repeat the final state).
+
+The loop is a `lax.fori_loop` (a `while_loop` when `num_steps` is traced), so samplers never
+unroll over steps in Python and the history of multistep methods lives in the loop carry.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def num_steps_of(sigmas, num_steps):
+    """Steps to take: `num_steps` if given (int or traced), else `len(sigmas) - 1`."""
+    capacity = sigmas.shape[0] - 1
+    if num_steps is None:
+        return capacity
+    if isinstance(num_steps, (int, np.integer)) and not 1 <= num_steps <= capacity:
+        raise ValueError(f"num_steps={num_steps} must be between 1 and len(sigmas) - 1 = {capacity}")
+    return num_steps
+
+
+def run(step, x, sigmas, carry=(), *, num_steps=None, trajectory=False):
+    """Applies `step(i, x, carry) -> (x, carry)` for i = 0 .. num_steps - 1.
+
+    Returns `x` or `(x, traj)` as described in the module docstring."""
+    check_sigmas(sigmas)
+    n = num_steps_of(sigmas, num_steps)
+    if not trajectory:
+        x, _ = jax.lax.fori_loop(0, n, lambda i, s: step(i, *s), (x, carry))
+        return x
+    traj = jnp.zeros((sigmas.shape[0],) + x.shape, x.dtype).at[0].set(x)
+
+    def body(i, state):
+        x, carry, traj = state
+        x, carry = step(i, x, carry)
+        return x, carry, traj.at[i + 1].set(x)
+
+    x, _, traj = jax.lax.fori_loop(0, n, body, (x, carry, traj))
+    rows = jnp.arange(sigmas.shape[0]).reshape((-1,) + (1,) * x.ndim)
+    return x, jnp.where(rows > n, x, traj)
+
+
+def check_sigmas(sigmas):
+    """Rejects a grid that is not 1-D or, when its values are known, not strictly decreasing.
+
+    Trailing padding (repeats of the last value, e.g. zeros) is allowed."""
+    if jnp.ndim(sigmas) != 1 or sigmas.shape[0] < 2:
+        raise ValueError(f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {jnp.shape(sigmas)}")
+    if isinstance(sigmas, jax.core.Tracer):
+        return
+    s = np.asarray(sigmas, np.float64)
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError(f"sigmas must be finite and >= 0, got {s.tolist()}")
+    d = np.diff(s)
+    end = len(s) - 1
+    while end > 0 and s[end] == s[end - 1]:  # allow padding with repeats of the last value
+        end -= 1
+    if np.any(d[:end] >= 0):
+        k = int(np.argmax(d[:end] >= 0))
+        raise ValueError(
+            f"sigmas must be strictly decreasing; sigmas[{k}]={s[k]:g} <= sigmas[{k + 1}]={s[k + 1]:g}"
+        )
+
+
+def step_key(key, i):
+    """The PRNG key of step i: the same numbers whatever the step count or compilation."""
+    return jax.random.fold_in(key, i)
+
+
+def is_last(i, num_steps, sigmas):
+    """Traced boolean: step i is the final step."""
+    return i == num_steps_of(sigmas, num_steps) - 1

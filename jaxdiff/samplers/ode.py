@@ -1,0 +1,3 @@
+"""Adaptive high-accuracy probability-flow ODE solver (diffrax)."""
+
+SAMPLERS = {}

@@ -1,0 +1,3 @@
+"""Stochastic samplers: DDPM ancestral, Euler ancestral, DPM-Solver++(2M) SDE, Euler-Maruyama, predictor-corrector."""
+
+SAMPLERS = {}

@@ -1,0 +1,134 @@
+"""`sample`: the one high-level entry that composes process, prediction adapter, schedule,
+guidance and sampler.
+
+The schedule is computed eagerly and padded to a fixed `capacity`; the step count, the grid's
+values, the guidance parameters and the network's parameters (when `model_fn` is a
+`jax.tree_util.Partial`) are data to one compiled program. Changing them does not recompile.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import schedules as schedules_lib
+from jaxdiff import samplers as samplers_lib
+from jaxdiff.denoiser import denoiser as make_denoiser, check_prediction
+
+DEFAULT_CAPACITY = 256
+trace_count = 0  # how many times the sampling program was traced (for tests and benchmarks)
+
+
+def sample(
+    model_fn,
+    noise,
+    *,
+    process,
+    prediction,
+    sampler,
+    steps,
+    schedule=None,
+    key=None,
+    guidance=None,
+    capacity=None,
+    trajectory=False,
+    **sampler_options,
+):
+    """Draws samples by integrating from `noise` (standard normal, shaped like the data).
+
+    Args:
+      model_fn: the raw network, `model_fn(x, t)` with x in the process's scaling and t its
+        conditioning value; with `guidance`, `model_fn(x, t, *args)` (see `jaxdiff.guidance`).
+        Wrap a network and its params as `jax.tree_util.Partial(apply, params)` so that new
+        params reuse the compiled program.
+      process: a `jaxdiff.process` process; prediction: one of eps, x0, v, flow, score, edm.
+      sampler: a name in `jaxdiff.samplers.SAMPLERS`; steps: number of sampler steps.
+      schedule: a name in `jaxdiff.schedules.SCHEDULES`, a function `(process, steps) -> grid`,
+        or an explicit grid of steps + 1 decreasing noise levels. Default: `karras` for EDM/VE,
+        `trailing` for DiscreteVP, `logsnr` otherwise.
+      key: PRNG key, required by stochastic samplers.
+      guidance: a guidance object from `jaxdiff.guidance` (e.g. `CFG(scale, y, y_null)`).
+      capacity: largest step count the compiled program serves (default 256 or above `steps`).
+      trajectory: also return the states after every step.
+      **sampler_options: passed to the sampler (e.g. `order=3`, `eta=1.0`).
+    Returns:
+      samples in the process's scaling at the last noise level (data space when it is 0), and
+      the trajectory (VE view) when asked.
+    """
+    check_prediction(prediction)
+    fn = samplers_lib.get(sampler)
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(sampler_options) - set(params))
+    if unknown:
+        allowed = [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY and p != "key"]
+        raise ValueError(f"sampler {sampler!r} has no option {unknown[0]!r}; allowed: {allowed}")
+    if "key" in params and key is None:
+        raise ValueError(f"sampler {sampler!r} is stochastic and needs key=jax.random.key(...)")
+    grid = _grid(process, schedule, steps)
+    capacity = _capacity(steps, capacity)
+    if not isinstance(model_fn, jax.tree_util.Partial):
+        model_fn = jax.tree_util.Partial(model_fn)
+    return _run(
+        model_fn,
+        jnp.asarray(noise),
+        jnp.asarray(schedules_lib.pad(grid, capacity), jnp.result_type(float)),
+        jnp.asarray(steps, jnp.int32),
+        key,
+        process,
+        guidance,
+        sampler=sampler,
+        prediction=prediction,
+        options=tuple(sorted(sampler_options.items())),
+        trajectory=trajectory,
+    )
+
+
+def _grid(process, schedule, steps):
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    if schedule is None:
+        schedule = default_schedule(process)
+    if isinstance(schedule, str):
+        schedule = schedules_lib.get(schedule)
+    grid = schedule(process, steps) if callable(schedule) else schedules_lib.array(schedule)
+    if len(grid) != steps + 1:
+        raise ValueError(f"schedule has {len(grid)} noise levels but steps={steps} needs {steps + 1}")
+    return grid
+
+
+def default_schedule(process):
+    """karras for EDM/VE processes, trailing for DiscreteVP, logsnr otherwise."""
+    name = type(process).__name__
+    return {"EDM": "karras", "VE": "karras", "DiscreteVP": "trailing"}.get(name, "logsnr")
+
+
+def _capacity(steps, capacity):
+    if capacity is None:
+        return max(DEFAULT_CAPACITY, 1 << (int(steps) - 1).bit_length())
+    if steps > capacity:
+        raise ValueError(f"steps={steps} exceeds capacity={capacity}; pass capacity >= {steps}")
+    return capacity
+
+
+def _core(model_fn, noise, sigmas, steps, key, process, guidance, *, sampler, prediction, options,
+          trajectory):
+    global trace_count
+    trace_count += 1
+    D = make_denoiser(model_fn, process, prediction)
+    if guidance is not None:
+        D = guidance(D)
+    fn = samplers_lib.get(sampler)
+    kwargs = dict(options, num_steps=steps, trajectory=trajectory)
+    if key is not None and "key" in inspect.signature(fn).parameters:
+        kwargs["key"] = key
+    x = noise * process.prior_scale(sigmas[0]).astype(noise.dtype)
+    out = fn(D, x, sigmas, **kwargs)
+    x, traj = out if trajectory else (out, None)
+    x = x * process.alpha(process.t_of(sigmas[steps])).astype(x.dtype)
+    return (x, traj) if trajectory else x
+
+
+_run = jax.jit(_core, static_argnames=("sampler", "prediction", "options", "trajectory"))
