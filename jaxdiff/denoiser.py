@@ -7,7 +7,8 @@ value -- into that denoiser for every prediction target:
 
   eps   x0 = (x - sigma * eps) / alpha                    (DDPM)
   x0    x0 = out
-  v     x0 = (alpha * x - sigma * v) / (alpha^2 + sigma^2) (Salimans & Ho 2022, v = alpha eps - sigma x0)
+  v     x0 = (alpha * x - sigma * v) / (alpha^2 + sigma^2)
+        (Salimans & Ho 2022, v = alpha eps - sigma x0)
   flow  x0 = (sigma' x - sigma u) / (sigma' alpha - sigma alpha'),  u = alpha' x0 + sigma' eps
         (flow matching; for alpha = 1 - t, sigma = t this is x0 = x - t u)
   score x0 = (x + sigma^2 * score) / alpha
@@ -59,7 +60,9 @@ def to_x0(out, x, t, process, prediction):
         _, ds = jax.jvp(process.sigma, (t,), (jnp.ones_like(t),))
         da, ds = _bcast(da, x), _bcast(ds, x)
         return (ds * x - s * out) / (ds * a - s * da)
-    raise ValueError(f"prediction={prediction!r} has no x0 conversion; allowed: eps, x0, v, score, flow")
+    raise ValueError(
+        f"prediction={prediction!r} has no x0 conversion; allowed: eps, x0, v, score, flow"
+    )
 
 
 def denoiser(model_fn, process, prediction):

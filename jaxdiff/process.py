@@ -206,7 +206,8 @@ class VPCosine(_VEView):
         return (_f(t) + self.s) / (1.0 + self.s) * (math.pi / 2)
 
     def log_alpha(self, t):
-        return jnp.log(jnp.cos(self._phase(t))) - math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+        c0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+        return jnp.log(jnp.cos(self._phase(t))) - c0
 
     def t_of(self, ve_sigma):
         log_alpha = -0.5 * jnp.log1p(jnp.square(_f(ve_sigma)))

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import schedules as schedules_lib
 from jaxdiff import samplers as samplers_lib
-from jaxdiff.denoiser import denoiser as make_denoiser, check_prediction
+from jaxdiff import schedules as schedules_lib
+from jaxdiff.denoiser import check_prediction
+from jaxdiff.denoiser import denoiser as make_denoiser
 
 DEFAULT_CAPACITY = 256
 trace_count = 0  # how many times the sampling program was traced (for tests and benchmarks)
@@ -95,7 +96,9 @@ def _grid(process, schedule, steps):
         schedule = schedules_lib.get(schedule)
     grid = schedule(process, steps) if callable(schedule) else schedules_lib.array(schedule)
     if len(grid) != steps + 1:
-        raise ValueError(f"schedule has {len(grid)} noise levels but steps={steps} needs {steps + 1}")
+        raise ValueError(
+            f"schedule has {len(grid)} noise levels but steps={steps} needs {steps + 1}"
+        )
     return grid
 
 

@@ -101,7 +101,8 @@ AYS_TABLES = {
 
 
 def ays(process, n, *, model="sd15", final_zero=True):
-    """Align Your Steps table for `model`, log-linearly interpolated to n levels (AYS how-to)."""
+    """Align Your Steps table for `model`, log-linearly interpolated (AYS how-to). A table holds
+    11 levels: `ays(p, 10, final_zero=False)` is the published 10-step schedule."""
     _check_n(n)
     if model not in AYS_TABLES:
         raise ValueError(f"ays model={model!r} is unknown; allowed: {', '.join(AYS_TABLES)}")

@@ -28,7 +28,9 @@ def num_steps_of(sigmas, num_steps):
     if num_steps is None:
         return capacity
     if isinstance(num_steps, (int, np.integer)) and not 1 <= num_steps <= capacity:
-        raise ValueError(f"num_steps={num_steps} must be between 1 and len(sigmas) - 1 = {capacity}")
+        raise ValueError(
+            f"num_steps={num_steps} must be between 1 and len(sigmas) - 1 = {capacity}"
+        )
     return num_steps
 
 
@@ -58,7 +60,9 @@ def check_sigmas(sigmas):
 
     Trailing padding (repeats of the last value, e.g. zeros) is allowed."""
     if jnp.ndim(sigmas) != 1 or sigmas.shape[0] < 2:
-        raise ValueError(f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {jnp.shape(sigmas)}")
+        raise ValueError(
+            f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {jnp.shape(sigmas)}"
+        )
     if isinstance(sigmas, jax.core.Tracer):
         return
     s = np.asarray(sigmas, np.float64)
@@ -71,7 +75,8 @@ def check_sigmas(sigmas):
     if np.any(d[:end] >= 0):
         k = int(np.argmax(d[:end] >= 0))
         raise ValueError(
-            f"sigmas must be strictly decreasing; sigmas[{k}]={s[k]:g} <= sigmas[{k + 1}]={s[k + 1]:g}"
+            f"sigmas must be strictly decreasing; "
+            f"sigmas[{k}]={s[k]:g} <= sigmas[{k + 1}]={s[k + 1]:g}"
         )
 
 

@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxdiff",
+    version="0.1.0",
+    description="Diffusion and flow generative models in JAX: processes, samplers, guidance.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["jaxdiff", "jaxdiff.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "numpy>=1.26",
+        "diffrax>=0.7.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],
+        # PyTorch reference implementations for parity tests and baselines. torch==2.13.0 is the
+        # CPU build available on the project machines; any other spec pulls CUDA packages.
+        "parity": ["torch==2.13.0", "diffusers>=0.35"],
+    },
+)
