@@ -12,6 +12,7 @@ setup(
         "jax>=0.10.2",
         "numpy>=1.26",
         "diffrax>=0.7.0",
+        "optax>=0.2.4",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],

@@ -130,7 +130,10 @@ def _core(model_fn, noise, sigmas, steps, key, process, guidance, *, sampler, pr
     x = noise * process.prior_scale(sigmas[0]).astype(noise.dtype)
     out = fn(D, x, sigmas, **kwargs)
     x, traj = out if trajectory else (out, None)
-    x = x * process.alpha(process.t_of(sigmas[steps])).astype(x.dtype)
+    # x = alpha * x_ve at the last level; at ve_sigma = 0 the state is x0 (alpha = 1), which a
+    # discrete process, whose time stops at its smallest trained level, cannot express via t.
+    end = sigmas[steps]
+    x = x * jnp.where(end > 0, process.alpha(process.t_of(end)), 1.0).astype(x.dtype)
     return (x, traj) if trajectory else x
 
 

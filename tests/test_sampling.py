@@ -29,7 +29,7 @@ def test_sample_scales_noise_and_matches_direct_sampler(process, prediction):
     grid = jnp.asarray(schedules.get(sampling.default_schedule(process))(process, 12))
     x = noise * process.prior_scale(grid[0])
     ref = jaxdiff.SAMPLERS["ddim"](analytic.gaussian_denoiser(MU, STD), x, grid)
-    np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_prior_scale_conventions():
@@ -106,6 +106,7 @@ BAD = [
     (dict(schedule=[80.0, 90.0, 0.0], steps=2), r"strictly decreasing; sigmas\[0\]=80"),
     (dict(schedule=[80.0, 1.0, 0.0], steps=5), "schedule has 3 noise levels but steps=5 needs 6"),
     (dict(order=2), "sampler 'ddim' has no option 'order'"),
+    (dict(sampler="ddpm"), "sampler 'ddpm' is stochastic and needs key="),
 ]
 
 
