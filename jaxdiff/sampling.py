@@ -66,7 +66,7 @@ def sample(
     if unknown:
         allowed = [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY and p != "key"]
         raise ValueError(f"sampler {sampler!r} has no option {unknown[0]!r}; allowed: {allowed}")
-    if "key" in params and key is None:
+    if "key" in params and params["key"].default is inspect.Parameter.empty and key is None:
         raise ValueError(f"sampler {sampler!r} is stochastic and needs key=jax.random.key(...)")
     grid = _grid(process, schedule, steps)
     capacity = _capacity(steps, capacity)

@@ -1,8 +1,33 @@
-"""Single-step ODE samplers: DDIM, Euler, Heun (EDM), DPM-Solver-1/2/3, DPM-Solver++(2S)."""
+"""Single-step ODE samplers: DDIM, Euler, Heun (EDM), DPM-Solver-1/2/3, DPM-Solver++(2S), and
+diffusers' singlestep DPM-Solver++ schedule.
+
+Everything runs in the VE view x = x0 + sigma * eps, with lambda = -log sigma. There the
+exponential integrators' weights are ratios of noise levels: for h = lambda' - lambda,
+e^{-h} = sigma'/sigma and sigma'(e^h - 1) = sigma - sigma'. A step whose target level is 0
+(h = inf) is taken to first order (DDIM, x' = D(x, sigma)): the intermediate stages of a higher
+order step would sit at sigma = 0, where the denoiser is never called. That choice is a
+`lax.cond`, so the skipped model calls are really not executed, and the higher-order branch only
+ever sees a positive target level, so neither values nor gradients meet log(0).
+"""
 
 from __future__ import annotations
 
-from jaxdiff.samplers.base import run
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.samplers.base import num_steps_of, run, step_key
+
+
+def _ddim_step(x, x0, s, s_next):
+    """x' = x0 + (sigma'/sigma)(x - x0): DDIM / Euler / DPM-Solver-1 in the VE view."""
+    return x0 + (s_next / s) * (x - x0)
+
+
+def _positive(s_next, s):
+    """s_next where it is > 0, else a harmless stand-in, for branches taken only when s_next > 0."""
+    return jnp.where(s_next > 0, s_next, 0.5 * s)
 
 
 def ddim(denoiser, x, sigmas, *, num_steps=None, trajectory=False):
@@ -12,10 +37,211 @@ def ddim(denoiser, x, sigmas, *, num_steps=None, trajectory=False):
 
     def step(i, x, carry):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x0 = denoiser(x, s)
-        return x0 + (s_next / s) * (x - x0), carry
+        return _ddim_step(x, denoiser(x, s), s, s_next), carry
 
     return run(step, x, sigmas, num_steps=num_steps, trajectory=trajectory)
 
 
-SAMPLERS = {"ddim": ddim}
+def euler(denoiser, x, sigmas, *, num_steps=None, trajectory=False):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D)/sigma (Karras et al. 2022,
+    Eq. 4 with sigma(t) = t; k-diffusion `sample_euler`, diffusers `EulerDiscreteScheduler`):
+    1 NFE per step.
+
+    x' = x + (sigma' - sigma)(x - D)/sigma, which is exactly DDIM (eta = 0), so this runs `ddim`.
+    EDM's stochastic churn lives in `heun`."""
+    return ddim(denoiser, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+
+
+def dpm_solver_1(denoiser, x, sigmas, *, num_steps=None, trajectory=False):
+    """DPM-Solver-1 (Lu et al. 2022a, Eq. 3.7): 1 NFE per step; it is DDIM, so this runs `ddim`."""
+    return ddim(denoiser, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+
+
+def _singlestep(denoiser, x, sigmas, update, num_steps, trajectory):
+    """Runs `update(x, x0, s, s_next) -> x'` (x0 = D(x, s)) on steps to s_next > 0 and DDIM on
+    a step to 0; the update spends its extra model calls only when it runs."""
+
+    def step(i, x, carry):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, s)
+        x = jax.lax.cond(
+            s_next > 0,
+            lambda: update(x, x0, s, _positive(s_next, s)),
+            lambda: _ddim_step(x, x0, s, s_next),
+        )
+        return x, carry
+
+    return run(step, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+
+
+def _eps(denoiser, x, s):
+    """Noise prediction eps = (x - D(x, sigma))/sigma (VE view)."""
+    return (x - denoiser(x, s)) / s
+
+
+def dpm_solver_2(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r1=0.5):
+    """DPM-Solver-2 (Lu et al. 2022a, Alg. 1, noise-prediction form; r1 = 1/2): 2 NFE per step.
+
+    The stage sits at lambda_s + r1 h, i.e. sigma_1 = sigma (sigma'/sigma)^r1:
+    u = x - (sigma - sigma_1) eps, x' = x - (sigma - sigma') (eps + (eps(u) - eps) / (2 r1)).
+    A step to sigma' = 0 is DPM-Solver-1 (1 NFE): NFE = 2N - 1 on a grid ending at 0."""
+
+    def update(x, x0, s, t):
+        eps = (x - x0) / s
+        s1 = s * (t / s) ** r1
+        eps1 = _eps(denoiser, x - (s - s1) * eps, s1)
+        return x - (s - t) * (eps + (eps1 - eps) / (2.0 * r1))
+
+    return _singlestep(denoiser, x, sigmas, update, num_steps, trajectory)
+
+
+def dpm_solver_3(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r1=1 / 3, r2=2 / 3):
+    """DPM-Solver-3 (Lu et al. 2022a, Sec. 3.3 and the appendix's general DPM-Solver-3 algorithm,
+    noise-prediction form; r1 = 1/3, r2 = 2/3): 3 NFE per step, stages at lambda_s + r1 h and
+    lambda_s + r2 h.
+
+    With phi(a) = sigma_a ((e^{a h} - 1)/(a h) - 1) evaluated at the stage/target level:
+    u1 = x - (sigma - sigma_1) eps, D1 = eps(u1) - eps,
+    u2 = x - (sigma - sigma_2) eps - (r2/r1) phi_2 D1, D2 = eps(u2) - eps,
+    x' = x - (sigma - sigma') eps - phi' D2 / r2.
+    A step to sigma' = 0 is DPM-Solver-1 (1 NFE): NFE = 3N - 2 on a grid ending at 0."""
+
+    def update(x, x0, s, t):
+        eps, h = (x - x0) / s, jnp.log(s / t)
+        s1, s2 = s * (t / s) ** r1, s * (t / s) ** r2
+        d1 = _eps(denoiser, x - (s - s1) * eps, s1) - eps
+        phi2 = s2 * (jnp.expm1(r2 * h) / (r2 * h) - 1.0)
+        d2 = _eps(denoiser, x - (s - s2) * eps - (r2 / r1) * phi2 * d1, s2) - eps
+        phi = t * (jnp.expm1(h) / h - 1.0)
+        return x - (s - t) * eps - (phi / r2) * d2
+
+    return _singlestep(denoiser, x, sigmas, update, num_steps, trajectory)
+
+
+def dpmpp_2s(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r=0.5):
+    """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1, data prediction; r = 1/2): 2 NFE per step.
+
+    u = DDIM step to sigma_1 = sigma (sigma'/sigma)^r (lambda_s + r h);
+    D_r = (1 - 1/(2r)) D(x) + D(u, sigma_1)/(2r); x' = D_r + (sigma'/sigma)(x - D_r).
+    A step to sigma' = 0 is first order (DDIM, 1 NFE): NFE = 2N - 1 on a grid ending at 0."""
+
+    def update(x, x0, s, t):
+        s1 = s * (t / s) ** r
+        x0_1 = denoiser(_ddim_step(x, x0, s, s1), s1)
+        return _ddim_step(x, (1.0 - 0.5 / r) * x0 + (0.5 / r) * x0_1, s, t)
+
+    return _singlestep(denoiser, x, sigmas, update, num_steps, trajectory)
+
+
+def _churn_gate(s_churn, key):
+    """Whether churn noise is drawn; churn needs a PRNG key."""
+    if key is None:
+        if isinstance(s_churn, jax.core.Tracer) or s_churn != 0:
+            raise ValueError(
+                "heun with s_churn != 0 is stochastic: pass key=jax.random.key(...)"
+            )
+        return False
+    return isinstance(s_churn, jax.core.Tracer) or s_churn != 0
+
+
+def _churn(x, s, i, n, key, s_churn, s_tmin, s_tmax, s_noise):
+    """EDM Alg. 2, lines 4-6: raise the noise level to sigma_hat = (1 + gamma) sigma."""
+    gamma = jnp.minimum(s_churn / n, math.sqrt(2.0) - 1.0)
+    gamma = jnp.where((s >= s_tmin) & (s <= s_tmax), gamma, 0.0).astype(x.dtype)
+    z = jax.random.normal(step_key(key, i), x.shape, x.dtype)
+    # sqrt(sigma_hat^2 - sigma^2) = sigma sqrt(gamma (2 + gamma)): no sqrt(0) on sigma's path
+    return x + s * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise * z, s * (1.0 + gamma)
+
+
+def heun(denoiser, x, sigmas, *, num_steps=None, trajectory=False, s_churn=0.0, s_tmin=0.0,
+         s_tmax=float("inf"), s_noise=1.0, key=None):
+    """EDM's Heun sampler (Karras et al. 2022, Alg. 2; Alg. 1 when s_churn = 0): 2 NFE per step.
+
+    Euler from sigma_hat to sigma', then the trapezoidal correction with the slope at sigma'.
+    The correction is skipped on a step to sigma' = 0 (`lax.cond`, no model call), so
+    NFE = 2N - 1 on a grid ending at 0 (2N otherwise). Churn: gamma = min(s_churn/N, sqrt2 - 1)
+    for sigma in [s_tmin, s_tmax] (N = steps taken), sigma_hat = (1 + gamma) sigma, and the state
+    gets sqrt(sigma_hat^2 - sigma^2) s_noise z, z ~ N(0, I) from `step_key(key, i)`; a `key` is
+    required when s_churn != 0."""
+    stochastic = _churn_gate(s_churn, key)
+    n = num_steps_of(sigmas, num_steps)
+
+    def step(i, x, carry):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        if stochastic:
+            x, s = _churn(x, s, i, n, key, s_churn, s_tmin, s_tmax, s_noise)
+        d = (x - denoiser(x, s)) / s
+        x_euler = x + (s_next - s) * d
+
+        def correct():
+            t = _positive(s_next, s)
+            d_next = (x_euler - denoiser(x_euler, t)) / t
+            return x + (s_next - s) * 0.5 * (d + d_next)
+
+        return jax.lax.cond(s_next > 0, correct, lambda: x_euler), carry
+
+    return run(step, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+
+
+def _dpmpp_grid_update(k, i, x, x_start, m0, m1, m2, sigmas):
+    """diffusers' singlestep DPM-Solver++ (midpoint) update of order k at grid step i; the
+    macro-step started at grid point i - k + 1 with state x_start."""
+
+    def first():
+        return _ddim_step(x, m0, sigmas[i], sigmas[i + 1])
+
+    def second():  # stage at sigmas[i], from sigmas[i - 1]; m1 = D there
+        s, t = sigmas[jnp.maximum(i - 1, 0)], _positive(sigmas[i + 1], sigmas[i])
+        r0 = jnp.log(s / sigmas[i]) / jnp.log(s / t)
+        return _ddim_step(x_start, m1 + (m0 - m1) / (2.0 * r0), s, t)
+
+    def third():  # stages at sigmas[i - 1], sigmas[i], from sigmas[i - 2]; m2 = D there
+        s, t = sigmas[jnp.maximum(i - 2, 0)], _positive(sigmas[i + 1], sigmas[i])
+        h = jnp.log(s / t)
+        r0 = jnp.log(s / sigmas[i]) / h
+        phi2 = jnp.expm1(-h) / h + 1.0
+        return _ddim_step(x_start, m2, s, t) + phi2 * (m0 - m2) / r0
+
+    return jax.lax.switch(k - 1, (first, second, third))
+
+
+def dpmpp_singlestep(denoiser, x, sigmas, *, num_steps=None, trajectory=False, order=2):
+    """Singlestep DPM-Solver++ as diffusers' `DPMSolverSinglestepScheduler` runs it
+    (algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True): 1 NFE per
+    grid step, so NFE = N.
+
+    Unlike `dpmpp_2s`/`dpm_solver_k`, the grid's own points are the stages: grid steps are
+    grouped by diffusers' order list, order 1 + (i mod order) at step i and 1 on the last step;
+    a step of order k goes from grid point i - k + 1 to i + 1 with the model values at grid
+    points i - k + 1 .. i. k = 2 is DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1) with
+    r = h_0/h set by the grid; k = 3 ends with DPM-Solver-3's final update (Lu et al. 2022a) in
+    data-prediction form, but its second stage comes from the k = 2 midpoint update, not
+    DPM-Solver-3's. The first-order last step(s) make order=3 globally second order on a grid
+    that ends above 0. Use it to reproduce diffusers; `dpmpp_2s`/`dpm_solver_3` for the papers.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order={order!r} must be 1, 2 or 3")
+    n = num_steps_of(sigmas, num_steps)
+
+    def step(i, x, carry):
+        x_start, m1, m2 = carry  # state where the macro-step began; D at steps i - 1, i - 2
+        k = jnp.where(i == n - 1, 1, i % order + 1)
+        m0 = denoiser(x, sigmas[i])
+        x_start = jnp.where(k == 1, x, x_start)
+        x_next = _dpmpp_grid_update(k, i, x, x_start, m0, m1, m2, sigmas)
+        return x_next, (x_start, m0, m1)
+
+    zeros = jnp.zeros_like(x)
+    return run(step, x, sigmas, (x, zeros, zeros), num_steps=num_steps, trajectory=trajectory)
+
+
+SAMPLERS = {
+    "ddim": ddim,
+    "euler": euler,
+    "heun": heun,
+    "dpm_solver_1": dpm_solver_1,
+    "dpm_solver_2": dpm_solver_2,
+    "dpm_solver_3": dpm_solver_3,
+    "dpmpp_2s": dpmpp_2s,
+    "dpmpp_singlestep": dpmpp_singlestep,
+}
