@@ -15,12 +15,15 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.denoiser import expand_like
+
 
 def gaussian_denoiser(mean, std):
-    """Ideal denoiser for x0 ~ N(mean, std^2 I); mean broadcasts against x."""
+    """Ideal denoiser for x0 ~ N(mean, std^2 I); mean broadcasts against x, sigma is a scalar
+    or one level per sample."""
 
     def D(x, sigma, *args):
-        var, s2 = jnp.square(std), jnp.square(jnp.asarray(sigma, x.dtype))
+        var, s2 = jnp.square(std), expand_like(jnp.square(jnp.asarray(sigma, x.dtype)), x)
         return mean + var / (var + s2) * (x - mean)
 
     return D

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 PREDICTIONS = ("eps", "x0", "v", "flow", "score", "edm")
 
 
-def _bcast(s, x):
+def expand_like(s, x):
     """Per-sample scalars (shape () or (B,)) broadcast against x of shape (B, ...)."""
     s = jnp.asarray(s)
     return s.reshape(s.shape + (1,) * (x.ndim - s.ndim))
@@ -46,7 +46,7 @@ def check_prediction(prediction):
 
 def to_x0(out, x, t, process, prediction):
     """x0 implied by the network output `out` at state x (process scaling) and time t."""
-    a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
+    a, s = expand_like(process.alpha(t), x), expand_like(process.sigma(t), x)
     if prediction == "eps":
         return (x - s * out) / a
     if prediction == "x0":
@@ -58,7 +58,7 @@ def to_x0(out, x, t, process, prediction):
     if prediction == "flow":
         _, da = jax.jvp(process.alpha, (t,), (jnp.ones_like(t),))
         _, ds = jax.jvp(process.sigma, (t,), (jnp.ones_like(t),))
-        da, ds = _bcast(da, x), _bcast(ds, x)
+        da, ds = expand_like(da, x), expand_like(ds, x)
         return (ds * x - s * out) / (ds * a - s * da)
     raise ValueError(
         f"prediction={prediction!r} has no x0 conversion; allowed: eps, x0, v, score, flow"
@@ -74,11 +74,11 @@ def denoiser(model_fn, process, prediction):
         ve_sigma = jnp.asarray(ve_sigma, x_ve.dtype)
         if prediction == "edm":
             c_skip, c_out, c_in, c_noise = edm_coefficients(ve_sigma, process.sigma_data)
-            out = model_fn(_bcast(c_in, x_ve) * x_ve, c_noise, *args)
+            out = model_fn(expand_like(c_in, x_ve) * x_ve, c_noise, *args)
             _check_shape(out, x_ve)
-            return _bcast(c_skip, x_ve) * x_ve + _bcast(c_out, x_ve) * out
+            return expand_like(c_skip, x_ve) * x_ve + expand_like(c_out, x_ve) * out
         t = process.t_of(ve_sigma)
-        x = _bcast(process.alpha(t), x_ve) * x_ve
+        x = expand_like(process.alpha(t), x_ve) * x_ve
         out = model_fn(x, process.cond(t), *args)
         _check_shape(out, x_ve)
         return to_x0(out, x, t, process, prediction).astype(x_ve.dtype)
@@ -96,7 +96,7 @@ def _check_shape(out, x):
 
 def from_x0(x0, x, t, process, prediction):
     """The network output that `to_x0` maps back to x0 (the inverse adapter)."""
-    a, s = _bcast(process.alpha(t), x), _bcast(process.sigma(t), x)
+    a, s = expand_like(process.alpha(t), x), expand_like(process.sigma(t), x)
     eps = (x - a * x0) / s
     if prediction == "eps":
         return eps
@@ -109,7 +109,7 @@ def from_x0(x0, x, t, process, prediction):
     if prediction == "flow":
         _, da = jax.jvp(process.alpha, (t,), (jnp.ones_like(t),))
         _, ds = jax.jvp(process.sigma, (t,), (jnp.ones_like(t),))
-        return _bcast(da, x) * x0 + _bcast(ds, x) * eps
+        return expand_like(da, x) * x0 + expand_like(ds, x) * eps
     raise ValueError(f"prediction={prediction!r} has no inverse; allowed: eps, x0, v, score, flow")
 
 
@@ -122,10 +122,11 @@ def model_from_denoiser(D, process, prediction):
         if prediction == "edm":
             ve_sigma = jnp.exp(4.0 * jnp.asarray(cond))
             c_skip, c_out, c_in, _ = edm_coefficients(ve_sigma, process.sigma_data)
-            x_ve = x / _bcast(c_in, x)
-            return (D(x_ve, ve_sigma, *args) - _bcast(c_skip, x) * x_ve) / _bcast(c_out, x)
+            x_ve = x / expand_like(c_in, x)
+            x0 = D(x_ve, ve_sigma, *args)
+            return (x0 - expand_like(c_skip, x) * x_ve) / expand_like(c_out, x)
         t = process.t_of_cond(cond)
-        x_ve = x / _bcast(process.alpha(t), x)
+        x_ve = x / expand_like(process.alpha(t), x)
         return from_x0(D(x_ve, process.ve_sigma(t), *args), x, t, process, prediction)
 
     return model_fn

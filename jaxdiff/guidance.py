@@ -25,9 +25,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.denoiser import _bcast
 from jaxdiff.denoiser import denoiser as make_denoiser
-from jaxdiff.process import _pytree
+from jaxdiff.denoiser import expand_like
+from jaxdiff.process import pytree_dataclass
 
 
 def _cond_uncond(D, x, sigma, y, y_null):
@@ -102,7 +102,8 @@ def guidance_interval(D_guided, D_plain, sigma_lo, sigma_hi):
         inside = (sigma > sigma_lo) & (sigma <= sigma_hi)
         if sigma.ndim == 0:
             return jax.lax.cond(inside, D_guided, D_plain, x, sigma, *args)
-        return jnp.where(_bcast(inside, x), D_guided(x, sigma, *args), D_plain(x, sigma, *args))
+        guided, plain = D_guided(x, sigma, *args), D_plain(x, sigma, *args)
+        return jnp.where(expand_like(inside, x), guided, plain)
 
     return D
 
@@ -172,7 +173,7 @@ def classifier_guidance(D, log_prob_fn, scale):
     grad = jax.grad(lambda x, sigma: jnp.sum(log_prob_fn(x, sigma)))
 
     def guided(x, sigma, *args):
-        s2 = jnp.square(_bcast(jnp.asarray(sigma, x.dtype), x))
+        s2 = jnp.square(expand_like(jnp.asarray(sigma, x.dtype), x))
         return D(x, sigma, *args) + jnp.asarray(scale, x.dtype) * s2 * grad(x, sigma)
 
     return guided
@@ -187,7 +188,7 @@ def dynamic_threshold(D, percentile=0.995, max_value=1.0):
     def thresholded(x, sigma, *args):
         x0 = D(x, sigma, *args)
         q = jnp.quantile(jnp.abs(x0.reshape(x0.shape[0], -1)), percentile, axis=1)
-        s = _bcast(jnp.clip(q, 1.0, max_value), x0).astype(x0.dtype)
+        s = expand_like(jnp.clip(q, 1.0, max_value), x0).astype(x0.dtype)
         return jnp.clip(x0, -s, s) / s
 
     return thresholded
@@ -205,7 +206,7 @@ def _as_partial(obj, name):
         object.__setattr__(obj, name, jax.tree_util.Partial(fn))
 
 
-@_pytree(data=("scale", "y", "y_null", "rescale", "interval"))
+@pytree_dataclass(data=("scale", "y", "y_null", "rescale", "interval"))
 class CFG:
     """Classifier-free guidance (`cfg`) for `jaxdiff.sample`: the network is called as
     `model_fn(x, t, labels)` with labels [y; y_null]. `interval=(sigma_lo, sigma_hi)` guides only
@@ -225,7 +226,7 @@ class CFG:
         return guidance_interval(guided, _bind(D, self.y), lo, hi)
 
 
-@_pytree(data=("scale", "y", "y_null", "sigma_stop", "rescale"))
+@pytree_dataclass(data=("scale", "y", "y_null", "sigma_stop", "rescale"))
 class AdaptiveCFG:
     """Adaptive guidance (`adaptive_cfg`); get `sigma_stop` from `calibrate_adaptive`."""
 
@@ -239,7 +240,7 @@ class AdaptiveCFG:
         return adaptive_cfg(D, self.scale, self.y, self.y_null, self.sigma_stop, self.rescale)
 
 
-@_pytree(data=("weak_model_fn", "process", "scale", "y"))
+@pytree_dataclass(data=("weak_model_fn", "process", "scale", "y"))
 class Autoguidance:
     """Autoguidance (`autoguidance`) for `jaxdiff.sample`.
 
@@ -264,7 +265,7 @@ class Autoguidance:
         return _bind(autoguidance(D, D_weak, self.scale), *args)
 
 
-@_pytree(data=("log_prob_fn", "scale"))
+@pytree_dataclass(data=("log_prob_fn", "scale"))
 class ClassifierGuidance:
     """Classifier guidance (`classifier_guidance`); `log_prob_fn(x_ve, sigma)` is stored as a
     `jax.tree_util.Partial` (pass the classifier's params and labels as its arguments)."""
@@ -279,7 +280,7 @@ class ClassifierGuidance:
         return classifier_guidance(D, self.log_prob_fn, self.scale)
 
 
-@_pytree(data=("percentile", "max_value"))
+@pytree_dataclass(data=("percentile", "max_value"))
 class DynamicThreshold:
     """Dynamic thresholding of x0-hat (`dynamic_threshold`); defaults are diffusers'."""
 
@@ -290,7 +291,7 @@ class DynamicThreshold:
         return dynamic_threshold(D, self.percentile, self.max_value)
 
 
-@_pytree(data=("steps",))
+@pytree_dataclass(data=("steps",))
 class Chain:
     """Applies guidance transforms in order, e.g. `Chain((CFG(...), DynamicThreshold()))`
     thresholds the guided prediction, as Imagen does."""

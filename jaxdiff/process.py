@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _pytree(data=(), meta=()):
+def pytree_dataclass(data=(), meta=()):
     """Frozen dataclass registered as a pytree: `data` fields are leaves, the rest are static."""
 
     def wrap(cls):
@@ -67,7 +67,7 @@ class Process:
         return jnp.sqrt(1.0 + jnp.square(ve_sigma))
 
 
-@_pytree(data=("alphas_cumprod",))
+@pytree_dataclass(data=("alphas_cumprod",))
 class DiscreteVP(Process):
     """DDPM-style process over integer training timesteps 0..T-1, from alphas_cumprod.
 
@@ -173,7 +173,7 @@ class _VEView(Process):
         return _f(c) / self.time_scale
 
 
-@_pytree()
+@pytree_dataclass()
 class VPLinear(_VEView):
     """Continuous VP SDE with linear beta(t) (score_sde DDPM++): log alpha = -t^2 db/4 - t b0/2."""
 
@@ -193,7 +193,7 @@ class VPLinear(_VEView):
         return 2.0 * log1p_s2 / (b0 + jnp.sqrt(b0**2 + 2.0 * db * log1p_s2))
 
 
-@_pytree()
+@pytree_dataclass()
 class VPCosine(_VEView):
     """Continuous cosine VP (iDDPM), in DPM-Solver's normalisation with alpha(0) = 1."""
 
@@ -215,7 +215,7 @@ class VPCosine(_VEView):
         return 2.0 * (1.0 + self.s) / math.pi * jnp.arccos(jnp.exp(log_alpha + c0)) - self.s
 
 
-@_pytree()
+@pytree_dataclass()
 class VE(Process):
     """Variance-exploding SDE (score_sde NCSN++): sigma(t) = sigma_lo * (sigma_hi/sigma_lo)^t.
 
@@ -248,7 +248,7 @@ class VE(Process):
         return ve_sigma
 
 
-@_pytree()
+@pytree_dataclass()
 class EDM(Process):
     """EDM (Karras et al. 2022): t = sigma, alpha = 1; the network sees c_noise = ln(sigma)/4.
 
@@ -280,7 +280,7 @@ class EDM(Process):
         return ve_sigma
 
 
-@_pytree()
+@pytree_dataclass()
 class RectifiedFlow(Process):
     """Rectified flow / flow matching: alpha = 1 - t, sigma = t (SD3, Flux).
 
