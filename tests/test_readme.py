@@ -1,0 +1,18 @@
+"""The README's Python examples run as written and print what they say."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_blocks_run(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 2
+    scope = {}
+    for block in blocks:  # later blocks build on earlier ones, as a reader would run them
+        exec(compile(block, str(README), "exec"), scope)
+    lines = capsys.readouterr().out.splitlines()
+    shape, spread = lines[0].split(") ")
+    assert shape == "(512, 2" and abs(float(spread) - 1.0) < 0.05  # both modes at |x0| = 1
+    assert abs(float(lines[1]) - 1.0) < 0.05  # guided to class 1's mode
