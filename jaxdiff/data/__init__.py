@@ -1,0 +1,12 @@
+"""Input pipelines: grain over TFDS ``array_record`` data sources (no TensorFlow needed).
+
+``build(name, split, batch_size=...)`` gives a checkpointable iterator of
+``{"x": float32 in [-1, 1], "label": int32}`` batches; ``info(name)`` gives the example shape
+and number of classes. ``BUILTINS`` lists the names that need no preparation (scikit-learn
+digits, prepared automatically as a TFDS dataset, and 2-D toy sets); any other name is looked up
+in TFDS.
+"""
+
+from jaxdiff.data.pipeline import BUILTINS, DatasetNotPreparedError, build, info
+
+__all__ = ["BUILTINS", "DatasetNotPreparedError", "build", "info"]
