@@ -1,0 +1,58 @@
+"""Networks: a DDPM++/ADM UNet (`unet.py`) and DiT (Peebles & Xie 2023, `dit.py`).
+
+Every model is a Flax linen module called as `model.apply(variables, x, t, y, train=...)` with
+x (B, H, W, C) NHWC, t the process's conditioning value and y optional int labels (label
+`num_classes` is the classifier-free-guidance null label); the output is float32 and shaped
+like x (2C channels for DiT with `learn_sigma`). Parameters carry logical axis names:
+`flax.linen.unbox(variables)` gives plain arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxdiff.models.dit import (
+    DIT_PRESETS,
+    DiT,
+    dit_from_torch_state_dict,
+    dit_to_torch_state_dict,
+    dit_torch_key,
+)
+from jaxdiff.models.layers import attention
+from jaxdiff.models.unet import UNet
+
+MODELS = {"unet": UNet, "dit": DiT}
+
+__all__ = [
+    "DIT_PRESETS",
+    "MODELS",
+    "DiT",
+    "UNet",
+    "attention",
+    "build",
+    "dit_from_torch_state_dict",
+    "dit_to_torch_state_dict",
+    "dit_torch_key",
+]
+
+
+def build(name, *, preset=None, image_size=None, **kwargs):
+    """The model `name` ("unet" or "dit") with fields `kwargs`; DiT takes `preset="DiT-S/2"` whose
+    fields the kwargs override. `image_size` (int or (H, W)), when given, is checked up front."""
+    if name not in MODELS:
+        raise ValueError(f"model {name!r} is unknown; allowed: {', '.join(MODELS)}")
+    cls = MODELS[name]
+    if preset is not None:
+        if cls is not DiT or preset not in DIT_PRESETS:
+            allowed = ", ".join(DIT_PRESETS) if cls is DiT else "none (UNet has no presets)"
+            raise ValueError(f"preset {preset!r} is unknown for {name!r}; allowed: {allowed}")
+        kwargs = {**DIT_PRESETS[preset], **kwargs}
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise ValueError(f"{name!r} has no field(s) {unknown}; allowed: {', '.join(fields)}")
+    model = cls(**kwargs)
+    if image_size is not None:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        model.check_image_size(height, width)
+    return model

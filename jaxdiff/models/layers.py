@@ -1,0 +1,182 @@
+"""Blocks shared by the UNet and the DiT.
+
+- Sinusoidal timestep features (Vaswani et al. 2017, Sec. 3.5) in the cos-then-sin order of
+  GLIDE/ADM (Dhariwal & Nichol 2021) that the DiT checkpoints expect (Peebles & Xie 2023), followed
+  by a two-layer MLP.
+- Class-label embedding with one extra "null" row for classifier-free guidance (Ho & Salimans
+  2022): label K of a K-class model means "no label". The model never drops labels itself.
+- Softmax attention (Vaswani et al. 2017, Eq. 1) behind one `implementation` switch, and a
+  multi-head attention module with timm's ViT names (`qkv`, `proj`) as used by DiT.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`); they are metadata only
+and mean nothing until a mesh and rules are set, so everything runs on a plain CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+
+
+def dense(features, axes, *, name, dtype, param_dtype, init=xavier_uniform):
+    """nn.Dense with logical axis names `axes` = (in, out) on its kernel (and `out` on the bias)."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(zeros, axes[-1:]),
+    )
+
+
+def modulate(x, shift, scale):
+    """x * (1 + scale) + shift with per-sample (B, C) shift/scale broadcast over x's middle axes."""
+    expand = lambda a: a.reshape(a.shape[:1] + (1,) * (x.ndim - 2) + a.shape[-1:])
+    return x * (1 + expand(scale)) + expand(shift)
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    """(B,) -> (B, dim) features [cos(t·f), sin(t·f)], f_i = max_period^(-i/(dim/2)) (ADM/DiT)."""
+    half = dim // 2
+    freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]  # (B, half)
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t, then Linear-SiLU-Linear (DiT's `t_embedder.mlp.0`/`.2` names)."""
+
+    hidden_size: int
+    frequency_size: int = 256
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, t):  # (B,) -> (B, hidden_size)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init=nn.initializers.normal(0.02))
+        h = timestep_embedding(t, self.frequency_size)
+        h = dense(self.hidden_size, (None, "embed"), name="mlp.0", **kw)(h)
+        return dense(self.hidden_size, ("embed", "embed"), name="mlp.2", **kw)(nn.silu(h))
+
+
+def _check_labels(y, rows):
+    """Eager check of concrete labels; under jit an invalid label yields NaN outputs instead."""
+    if not jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer):
+        raise ValueError(f"class labels must be integers, got dtype {jnp.asarray(y).dtype}")
+    try:
+        values = np.asarray(y)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if values.size and (values.min() < 0 or values.max() >= rows):
+        raise ValueError(
+            f"class labels must lie in [0, {rows - 1}] ({rows} embedding rows), "
+            f"got values in [{values.min()}, {values.max()}]"
+        )
+
+
+class LabelEmbedder(nn.Module):
+    """Class-label embedding table with `num_classes + null_label` rows (row K = the CFG null)."""
+
+    num_classes: int
+    features: int
+    null_label: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y):  # (B,) int -> (B, features)
+        rows = self.num_classes + int(self.null_label)
+        _check_labels(y, rows)
+        table = nn.Embed(
+            rows,
+            self.features,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")
+            ),
+            name="embedding_table",
+        )
+        # an out-of-range index makes jnp.take fill with NaN, so a bad label cannot pass silently
+        return table(jnp.where((y >= 0) & (y < rows), y, rows))
+
+
+def default_implementation(q):
+    """cuDNN flash attention on GPU for half precision and head dims it supports, else XLA."""
+    supported = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+    if jax.default_backend() == "gpu" and supported and q.shape[-1] <= 128:
+        return "cudnn"
+    return "xla"
+
+
+def attention(q, k, v, *, mask=None, implementation=None):
+    """softmax(q kᵀ / √D) v for q (B, S, H, D), k and v (B, T, H, D) -> (B, S, H, D).
+
+    mask: optional boolean, broadcastable to (B, H, S, T); True where a query may attend.
+    implementation: "xla" (plain jnp), "cudnn" (jax.nn.dot_product_attention), "pallas";
+      None picks per backend (`default_implementation`).
+    """
+    implementation = implementation or default_implementation(q)
+    if implementation == "xla":
+        return _xla_attention(q, k, v, mask)
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    if implementation == "pallas":
+        raise NotImplementedError(
+            "attention implementation='pallas' arrives with the kernels issue; use 'xla' or 'cudnn'"
+        )
+    raise ValueError(
+        f"attention implementation={implementation!r} is unknown; allowed: "
+        f"{', '.join(IMPLEMENTATIONS)} or None"
+    )
+
+
+def _xla_attention(q, k, v, mask):
+    """Plain attention; logits and softmax in float32 whatever the input dtype."""
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    logits = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # (B, H, S, T)
+    return jnp.einsum("bhst,bthd->bshd", weights, v)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (Vaswani et al. 2017) with timm's names: fused `qkv` for
+    self-attention, `q` and `kv` for cross-attention to a context, output projection `proj`."""
+
+    num_heads: int
+    implementation: str | None = None
+    out_init: Any = xavier_uniform
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None, mask=None):  # x (B, S, D), context (B, T, D_ctx)
+        B, S, D = x.shape
+        if D % self.num_heads:
+            raise ValueError(f"width {D} is not divisible by num_heads={self.num_heads}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        split = lambda a, n: a.reshape(a.shape[:2] + (n, self.num_heads, D // self.num_heads))
+        if context is None:
+            qkv = split(dense(3 * D, ("embed", "heads"), name="qkv", **kw)(x), 3)  # (B,S,3,H,Dh)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            q = split(dense(D, ("embed", "heads"), name="q", **kw)(x), 1)[:, :, 0]
+            kv = split(dense(2 * D, (None, "heads"), name="kv", **kw)(context), 2)  # (B,T,2,H,Dh)
+            k, v = kv[:, :, 0], kv[:, :, 1]
+        out = attention(q, k, v, mask=mask, implementation=self.implementation)  # (B, S, H, Dh)
+        proj = dense(D, ("heads", "embed"), name="proj", init=self.out_init, **kw)
+        return proj(out.reshape(B, S, D))

@@ -1,0 +1,221 @@
+"""UNet in the DDPM++/ADM style (Ho et al. 2020; Song et al. 2021, DDPM++; Dhariwal & Nichol 2021).
+
+Residual blocks GroupNorm-SiLU-conv with the time (+ class) embedding applied as scale and shift
+after the second GroupNorm (AdaGN, Dhariwal & Nichol 2021, Sec. 3), dropout before the last conv,
+self-attention blocks at the feature resolutions in `attn_resolutions` and in the middle,
+optional cross-attention to a context sequence after each self-attention (Rombach et al. 2022,
+Sec. 3.3), skip connections from every encoder block to the decoder, strided-conv downsampling and
+nearest-neighbour + conv upsampling. The last conv of each residual branch, the attention output
+projections and the output conv are zero-initialised (ADM), so an untrained UNet outputs 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxdiff.models.layers import (
+    LabelEmbedder,
+    MultiHeadAttention,
+    TimestepEmbedder,
+    dense,
+    modulate,
+    zeros,
+)
+
+
+def conv(features, kernel, *, name, dtype, param_dtype, strides=1, init=None):
+    """kernel×kernel conv with 'same' padding and logical axis names on its params."""
+    init = init or nn.initializers.lecun_normal()
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(strides, strides),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(init, (None, None, "conv_in", "conv_out")),
+        bias_init=nn.with_logical_partitioning(zeros, ("conv_out",)),
+        name=name,
+    )
+
+
+def group_norm(channels, groups, *, name, dtype, param_dtype):
+    """GroupNorm with gcd(groups, channels) groups, so narrow layers still normalise."""
+    return nn.GroupNorm(
+        num_groups=math.gcd(groups, channels),
+        epsilon=1e-6,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",)),
+        bias_init=nn.with_logical_partitioning(zeros, ("conv_out",)),
+        name=name,
+    )
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, AdaGN(emb)-SiLU-dropout-conv, plus a (1×1-projected) skip."""
+
+    out_channels: int
+    dropout: float = 0.0
+    groups: int = 32
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb, train=False):  # x (B, H, W, C), emb (B, E) -> (B, H, W, out)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        C, out = x.shape[-1], self.out_channels
+        h = nn.silu(group_norm(C, self.groups, name="norm_0", **kw)(x))
+        h = conv(out, 3, name="conv_0", **kw)(h)
+        mod = dense(2 * out, ("embed", "conv_out"), name="emb_proj", **kw)(nn.silu(emb))
+        scale, shift = jnp.split(mod, 2, axis=-1)  # (B, out) each
+        h = modulate(group_norm(out, self.groups, name="norm_1", **kw)(h), shift, scale)
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+        h = conv(out, 3, name="conv_1", init=zeros, **kw)(h)
+        if C != out:
+            x = conv(out, 1, name="skip", **kw)(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Residual self-attention over the H·W positions, then cross-attention to `context`."""
+
+    num_heads: int
+    groups: int = 32
+    attention_impl: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):  # x (B, H, W, C), context (B, T, D_ctx)
+        B, H, W, C = x.shape
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mha = dict(num_heads=self.num_heads, implementation=self.attention_impl, out_init=zeros)
+        h = group_norm(C, self.groups, name="norm", **kw)(x).reshape(B, H * W, C)
+        x = x + MultiHeadAttention(name="attn", **mha, **kw)(h).reshape(B, H, W, C)
+        if context is not None:
+            h = nn.LayerNorm(epsilon=1e-6, name="norm_cross", **kw)(x).reshape(B, H * W, C)
+            x = x + MultiHeadAttention(name="cross_attn", **mha, **kw)(h, context).reshape(x.shape)
+        return x
+
+
+class UNet(nn.Module):
+    """DDPM++/ADM UNet for x (B, H, W, C) NHWC; see the module docstring.
+
+    `__call__(x, t, y=None, *, train=False, context=None)`: t (B,) or () conditioning value,
+    multiplied by `time_scale` before the sinusoidal features; y (B,) int labels in [0, K] with
+    K = num_classes the classifier-free-guidance null label (y=None means all-null); context
+    (B, T, context_dim) when `context_dim` is set. `attn_resolutions` are feature-map heights
+    (e.g. (4,) for attention at 4×4). Returns (B, H, W, out_channels or C) float32.
+    """
+
+    channels: int = 64
+    channel_mult: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    mid_attn: bool = True
+    num_heads: int = 4
+    dropout: float = 0.0
+    num_classes: int = 0
+    context_dim: int | None = None
+    out_channels: int | None = None
+    norm_groups: int = 32
+    time_scale: float = 1.0
+    remat: bool = False
+    attention_impl: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def check_image_size(self, height, width):
+        """One-line ValueError when the image cannot be halved len(channel_mult) - 1 times."""
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if height % factor or width % factor:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by 2^(len(channel_mult)-1)={factor}"
+                f" (channel_mult={tuple(self.channel_mult)})"
+            )
+
+    @nn.compact
+    def __call__(self, x, t, y=None, *, train=False, context=None):
+        B, H, W, C = x.shape
+        self.check_image_size(H, W)
+        self._check_context(context)
+        emb = self._embed(t, y, B)  # (B, 4·channels)
+        h = conv(self.channels, 3, name="conv_in", **self._kw())(x.astype(self.dtype))
+        skips = [h]
+        for level, mult in enumerate(self.channel_mult):
+            h, new = self._down_level(level, mult, h, emb, context, train)
+            skips += new
+        h = self._block(ResBlock, "mid_res_0", h.shape[-1])(h, emb, train)
+        if self.mid_attn:
+            h = self._block(AttnBlock, "mid_attn")(h, context)
+        h = self._block(ResBlock, "mid_res_1", h.shape[-1])(h, emb, train)
+        for level in reversed(range(len(self.channel_mult))):
+            h = self._up_level(level, h, skips, emb, context, train)
+        h = nn.silu(group_norm(h.shape[-1], self.norm_groups, name="norm_out", **self._kw())(h))
+        out = conv(self.out_channels or C, 3, name="conv_out", init=zeros, **self._kw())(h)
+        return out.astype(jnp.float32)
+
+    def _kw(self):
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def _block(self, cls, name, *args):
+        """A residual or attention block, wrapped in nn.remat when `remat` (train is static)."""
+        if cls is ResBlock:
+            cls = nn.remat(cls, static_argnums=(3,)) if self.remat else cls
+            return cls(*args, self.dropout, self.norm_groups, name=name, **self._kw())
+        cls = nn.remat(cls) if self.remat else cls
+        return cls(self.num_heads, self.norm_groups, self.attention_impl, name=name, **self._kw())
+
+    def _down_level(self, level, mult, h, emb, context, train):
+        """num_res_blocks blocks (+ attention), then a stride-2 conv unless last; returns skips."""
+        skips = []
+        for i in range(self.num_res_blocks):
+            h = self._block(ResBlock, f"down_{level}_res_{i}", self.channels * mult)(h, emb, train)
+            if h.shape[1] in self.attn_resolutions:
+                h = self._block(AttnBlock, f"down_{level}_attn_{i}")(h, context)
+            skips.append(h)
+        if level < len(self.channel_mult) - 1:
+            h = conv(h.shape[-1], 3, strides=2, name=f"down_{level}_downsample", **self._kw())(h)
+            skips.append(h)
+        return h, skips
+
+    def _up_level(self, level, h, skips, emb, context, train):
+        """num_res_blocks + 1 blocks on [h, skip] (+ attention), then 2× upsampling unless first."""
+        out = self.channels * self.channel_mult[level]
+        for i in range(self.num_res_blocks + 1):
+            h = jnp.concatenate([h, skips.pop()], axis=-1)  # (B, h, w, C_h + C_skip)
+            h = self._block(ResBlock, f"up_{level}_res_{i}", out)(h, emb, train)
+            if h.shape[1] in self.attn_resolutions:
+                h = self._block(AttnBlock, f"up_{level}_attn_{i}")(h, context)
+        if level > 0:
+            h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest, (B, 2h, 2w, C)
+            h = conv(out, 3, name=f"up_{level}_upsample", **self._kw())(h)
+        return h
+
+    def _embed(self, t, y, batch):
+        """Time embedding (+ label embedding), (B, 4·channels)."""
+        width = 4 * self.channels
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32) * self.time_scale, (batch,))
+        emb = TimestepEmbedder(width, self.channels, name="time_embed", **self._kw())(t)
+        if self.num_classes == 0:
+            if y is not None:
+                raise ValueError("labels y were given to a UNet with num_classes=0")
+            return emb
+        if y is None:
+            y = jnp.full((batch,), self.num_classes, jnp.int32)
+        return emb + LabelEmbedder(self.num_classes, width, name="label_embed", **self._kw())(y)
+
+    def _check_context(self, context):
+        if self.context_dim is None and context is not None:
+            raise ValueError("context was given to a UNet with context_dim=None")
+        if self.context_dim is not None and (
+            context is None or context.ndim != 3 or context.shape[-1] != self.context_dim
+        ):
+            shape = None if context is None else tuple(context.shape)
+            raise ValueError(f"context must be (B, T, {self.context_dim}), got {shape}")
