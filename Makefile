@@ -2,27 +2,38 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+FULL := $(VENV)/.installed-test
+DEMO_DIR ?= runs/digits
 
-.PHONY: install test lint bench-samplers clean
+.PHONY: demo test lint bench-samplers clean
 
-install: $(STAMP)
-
-$(STAMP): setup.py pyproject.toml
+$(BASE): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $(BASE)
+
+$(FULL): $(BASE)
 	$(BIN)/python -m pip install -q -e ".[test,parity]"
-	touch $(STAMP)
+	touch $(FULL)
+
+# The main job: install, train the default config on the built-in digits, write samples and a
+# report (runs/digits/samples/*.png, runs/digits/report.json). Re-running resumes the same run.
+demo:
+	@t0=$$(date +%s); $(MAKE) --no-print-directory $(BASE); t1=$$(date +%s); \
+	$(BIN)/jaxdiff train --config configs/digits.py --workdir $(DEMO_DIR) && \
+	echo "demo: install $$((t1 - t0)) s, train + samples + report $$(($$(date +%s) - t1)) s"
 
 # The test command of the README and of CI.
-test: install
+test: $(FULL)
 	$(BIN)/python -m pytest -q tests
 
-lint: install
-	$(BIN)/ruff check jaxdiff tests benchmarks
+lint: $(FULL)
+	$(BIN)/ruff check jaxdiff tests benchmarks configs
 
 # Sampler accuracy on a Gaussian mixture (writes benchmarks/out/samplers_gmm.{md,png,json}).
-bench-samplers: install
+bench-samplers: $(FULL)
 	$(BIN)/python benchmarks/samplers_gmm.py
 
 clean:

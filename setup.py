@@ -11,11 +11,23 @@ setup(
     install_requires=[
         "jax>=0.10.2",
         "numpy>=1.26",
-        "diffrax>=0.7.0",
+        "flax>=0.10.0",
         "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5.0",
+        "grain>=0.2.6",
+        "ml-collections>=0.1.1",
+        "chex>=0.1.88",
+        "absl-py>=2.0",
+        "diffrax>=0.7.0",
+        "scikit-learn>=1.3",
+        "pillow>=10.0",
     ],
+    entry_points={"console_scripts": ["jaxdiff=jaxdiff.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.9",
+                 "ipykernel>=6.0", "tensorboard>=2.15"],
         # PyTorch reference implementations for parity tests and baselines. torch==2.13.0 is the
         # CPU build available on the project machines; any other spec pulls CUDA packages.
         "parity": ["torch==2.13.0", "diffusers>=0.35"],

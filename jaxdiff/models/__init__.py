@@ -1,4 +1,5 @@
-"""Networks: a DDPM++/ADM UNet (`unet.py`) and DiT (Peebles & Xie 2023, `dit.py`).
+"""Networks: a DDPM++/ADM UNet (`unet.py`), DiT (Peebles & Xie 2023, `dit.py`) and a residual
+MLP for low-dimensional data (`mlp.py`).
 
 Every model is a Flax linen module called as `model.apply(variables, x, t, y, train=...)` with
 x (B, H, W, C) NHWC, t the process's conditioning value and y optional int labels (label
@@ -19,14 +20,16 @@ from jaxdiff.models.dit import (
     dit_torch_key,
 )
 from jaxdiff.models.layers import attention
+from jaxdiff.models.mlp import MLP
 from jaxdiff.models.unet import UNet
 
-MODELS = {"unet": UNet, "dit": DiT}
+MODELS = {"unet": UNet, "dit": DiT, "mlp": MLP}
 
 __all__ = [
     "DIT_PRESETS",
     "MODELS",
     "DiT",
+    "MLP",
     "UNet",
     "attention",
     "build",

@@ -1,0 +1,64 @@
+"""Config sections to library objects: the only place that reads config keys."""
+
+from __future__ import annotations
+
+import jax
+
+from jaxdiff import data as data_lib
+from jaxdiff import models
+from jaxdiff import train as train_lib
+from jaxdiff.process import PROCESSES, DiscreteVP
+
+BETA_SCHEDULES = {"linear": DiscreteVP.linear, "scaled_linear": DiscreteVP.scaled_linear,
+                  "cosine": DiscreteVP.cosine}
+
+
+def process(cfg):
+    """config.process: {name, **fields}; discrete_vp takes beta_schedule + its arguments."""
+    kw = dict(cfg.process)
+    name = kw.pop("name")
+    if name not in PROCESSES:
+        raise ValueError(f"process.name={name!r} is unknown; allowed: {', '.join(PROCESSES)}")
+    if name == "discrete_vp":
+        schedule = kw.pop("beta_schedule", "linear")
+        if schedule not in BETA_SCHEDULES:
+            raise ValueError(f"process.beta_schedule={schedule!r} is unknown; allowed: "
+                             f"{', '.join(BETA_SCHEDULES)}")
+        return BETA_SCHEDULES[schedule](**kw)
+    return PROCESSES[name](**kw)
+
+
+def data_info(cfg):
+    return data_lib.info(cfg.data.name, data_dir=cfg.data.data_dir)
+
+
+def model(cfg):
+    """config.model: {name, **architecture}; the image size comes from the dataset."""
+    kw = dict(cfg.model)
+    name = kw.pop("name")
+    shape = data_info(cfg)["shape"]
+    image_size = tuple(shape[:2]) if len(shape) == 3 else None  # vectors have no image size
+    return models.build(name, image_size=image_size, **kw)
+
+
+def dataset(cfg, seed):
+    d = cfg.data
+    return data_lib.build(d.name, "train", batch_size=d.batch_size, seed=seed,
+                          random_flip=d.random_flip, data_dir=d.data_dir,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def optimizer(cfg):
+    o = cfg.optim
+    return train_lib.make_optimizer(lr=o.lr, total_steps=cfg.train.steps,
+                                    warmup_steps=o.warmup_steps, schedule=o.schedule,
+                                    weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+
+
+def loss_options(cfg):
+    return dict(weighting=cfg.loss.weighting, time_sampling=cfg.loss.time_sampling)
+
+
+def description(cfg):
+    """What a checkpoint must match to be resumed or sampled from."""
+    return {"model": dict(cfg.model), "data": cfg.data.name, "process": dict(cfg.process)}
