@@ -4,24 +4,25 @@
 `train_step(state, batch) -> (state, metrics)`, jitted with the state donated; its randomness
 is `fold_in(rng, step)`, so a resumed run draws exactly the numbers an uninterrupted one would.
 `train` runs it with logging, periodic checkpoints (train state + data-iterator state, resumed
-automatically from `workdir`) and periodic sample grids. Library functions take explicit
+automatically from `workdir`) and periodic sample grids. Given a mesh (`jaxdiff.parallel`),
+the state is created already sharded, the step is jitted with explicit in/out shardings, and a
+checkpoint written on any mesh restores into the current one. Library functions take explicit
 keyword arguments; only `jaxdiff.cli` reads configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import functools
 import time
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jaxdiff import losses
+from jaxdiff import faults, losses, parallel
 from jaxdiff.checkpoint import Checkpointer, abstract
 from jaxdiff.logger import MetricsLog
 
@@ -70,13 +71,56 @@ def network(model, params):
     return jax.tree_util.Partial(ModelApply(model), params)
 
 
-def init_state(model, tx, *, x_shape, num_classes, seed, ema_decays):
-    """A fresh TrainState; wrap in `jax.eval_shape` for the abstract one (no allocation)."""
-    init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+def init_state(model, tx, *, x_shape, num_classes, seed, ema_decays, mesh=None,
+               rules=parallel.LOGICAL_RULES):
+    """A fresh TrainState; wrap in `jax.eval_shape` for the abstract one (no allocation).
+
+    With `mesh`, the state is created already sharded (params, EMA and optimizer moments by the
+    models' logical axis names and `rules`; see `jaxdiff.parallel`): one jitted init whose
+    outputs land in their shards, so no device or host ever holds the whole state."""
+    init = functools.partial(_init_state, model, tx, x_shape=x_shape, num_classes=num_classes,
+                             seed=seed, ema_decays=ema_decays)
+    if mesh is None:
+        return init()
+    shardings = state_shardings(model, tx, mesh, x_shape=x_shape, num_classes=num_classes,
+                                ema_decays=ema_decays, rules=rules)
+    return parallel.create_sharded(init, shardings)
+
+
+def state_shardings(model, tx, mesh, *, x_shape, num_classes, ema_decays,
+                    rules=parallel.LOGICAL_RULES):
+    """The NamedSharding of every leaf of this model's TrainState on `mesh` (no allocation)."""
+    abstract = jax.eval_shape(functools.partial(
+        _init_state, model, tx, x_shape=x_shape, num_classes=num_classes, seed=0,
+        ema_decays=ema_decays))
+    boxed = jax.eval_shape(lambda: _variables(model, x_shape, num_classes,
+                                              jax.random.PRNGKey(0)))
+    return parallel.state_shardings(abstract, parallel.param_specs(boxed), tx, mesh, rules)
+
+
+def abstract_state(model, tx, *, x_shape, num_classes, ema_decays, mesh=None,
+                   rules=parallel.LOGICAL_RULES):
+    """ShapeDtypeStructs of the TrainState (with `.sharding` on `mesh`): a restore target."""
+    kw = dict(x_shape=x_shape, num_classes=num_classes, ema_decays=ema_decays)
+    abstract = jax.eval_shape(lambda: _init_state(model, tx, seed=0, **kw))
+    if mesh is None:
+        return abstract
+    shardings = state_shardings(model, tx, mesh, rules=rules, **kw)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def _variables(model, x_shape, num_classes, key):
+    """The model's variables, boxed with logical axis names."""
     x = jnp.zeros((1,) + tuple(x_shape), jnp.float32)
     y = jnp.zeros((1,), jnp.int32) if num_classes else None
+    return model.init({"params": key}, x, jnp.zeros((1,)), y)
+
+
+def _init_state(model, tx, *, x_shape, num_classes, seed, ema_decays):
+    init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
     # the models box params with logical axis names; the state holds plain arrays
-    params = flax.linen.unbox(model.init({"params": init_key}, x, jnp.zeros((1,)), y))["params"]
+    params = flax.linen.unbox(_variables(model, x_shape, num_classes, init_key))["params"]
     return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                       ema_params=tuple(jax.tree.map(jnp.copy, params) for _ in ema_decays),
                       opt_state=tx.init(params),
@@ -124,21 +168,33 @@ def _ema(ema, params, decay):
 
 
 def train(state, train_step, data, *, workdir, total_steps, log_every=100, ckpt_every=1000,
-          keep=3, sample_every=0, sample_fn=None, description=None, log=True):
+          keep=3, sample_every=0, sample_fn=None, description=None, log=True, mesh=None,
+          rules=parallel.LOGICAL_RULES):
     """Runs `train_step` to `total_steps`, resuming from the latest checkpoint in `workdir`.
 
     data: an iterator of batches with `get_state()`/`set_state()` (a grain iterator), saved
     with each checkpoint. sample_fn(state, step): called every `sample_every` steps and at the
     end (e.g. writes a sample grid). description: JSON-able dict saved with checkpoints;
-    its "model" entry guards against resuming another architecture. Returns the final state."""
+    its "model" entry guards against resuming another architecture. mesh: when given, `state`
+    is sharded on it (`init_state(..., mesh=mesh)`), `data` yields this process's part of each
+    global batch, and the step is jitted with explicit shardings (`parallel.jit_train_step`);
+    a checkpoint written on any mesh is restored into `state`'s shardings. Returns the final
+    state."""
+    faults.check_loop(total_steps=total_steps, log_every=log_every, ckpt_every=ckpt_every,
+                      keep=keep, sample_every=sample_every)
     description = dict(description or {})
     ckpt = Checkpointer(workdir, keep=keep)
     state = _resume(ckpt, state, data, description)
-    step_fn = jax.jit(train_step, donate_argnums=0)
-    logger = MetricsLog(workdir, total_steps, enabled=log)
+    if mesh is None:
+        step_fn, put = jax.jit(train_step, donate_argnums=0), lambda batch: batch
+    else:
+        step_fn = parallel.jit_train_step(train_step, parallel.shardings_of(state), mesh, rules)
+        put = functools.partial(parallel.shard_batch, mesh=mesh)
+    logger = MetricsLog(workdir, total_steps, enabled=log and jax.process_index() == 0)
     try:
-        state = _loop(state, step_fn, data, ckpt, logger, total_steps, log_every, ckpt_every,
-                      sample_every, sample_fn, description)
+        with faults.PreemptionGuard() as preempt:  # SIGTERM/Ctrl-C: save, stop, exit 0
+            state = _loop(state, step_fn, put, data, ckpt, logger, total_steps, log_every,
+                          ckpt_every, sample_every, sample_fn, description, preempt)
     finally:
         logger.close()
         ckpt.close()
@@ -146,6 +202,7 @@ def train(state, train_step, data, *, workdir, total_steps, log_every=100, ckpt_
 
 
 def _resume(ckpt, state, data, description):
+    # abstract() keeps each array's sharding: orbax reads the saved arrays into this layout
     restored = ckpt.restore(abstract(state), description)
     if restored is None:
         return state
@@ -155,35 +212,31 @@ def _resume(ckpt, state, data, description):
     return state
 
 
-def _loop(state, step_fn, data, ckpt, logger, total_steps, log_every, ckpt_every, sample_every,
-          sample_fn, description):
+def _loop(state, step_fn, put, data, ckpt, logger, total_steps, log_every, ckpt_every,
+          sample_every, sample_fn, description, preempt=None):
     step = int(state.step)
     t0, n0 = time.perf_counter(), step
     if step >= total_steps and sample_fn is not None:  # a finished run: redo the final samples
         sample_fn(state, step)
     while step < total_steps:
-        batch = next(data)
+        batch = put(next(data))
         state, metrics = step_fn(state, batch)
         step += 1
         if step % log_every == 0 or step == total_steps:
             metrics = jax.device_get(metrics)
-            _check_finite(metrics, step, ckpt)
+            faults.check_finite(metrics, step, ckpt)
             dt = time.perf_counter() - t0
             metrics["img_per_s"] = (step - n0) * len(batch["x"]) / max(dt, 1e-9)
             logger.write(step, metrics)
             t0, n0 = time.perf_counter(), step
-        if step % ckpt_every == 0 or step == total_steps:
+        stop = preempt is not None and preempt.should_stop(step)
+        if stop or step % ckpt_every == 0 or step == total_steps:
+            faults.check_finite(jax.device_get(metrics), step, ckpt)  # never save a NaN state
             ckpt.save(step, state, data.get_state(), description)
+        if stop:
+            preempt.report(step, ckpt)
+            break
         if sample_fn is not None and (step == total_steps or sample_every and
                                       step % sample_every == 0):
             sample_fn(state, step)
     return state
-
-
-def _check_finite(metrics, step, ckpt):
-    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
-    if bad:
-        raise FloatingPointError(
-            f"non-finite {', '.join(bad)} at step {step}; the last good checkpoint is step "
-            f"{ckpt.latest_step()} in {os.path.dirname(ckpt.directory)}"
-        )

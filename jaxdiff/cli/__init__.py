@@ -25,6 +25,8 @@ flags.DEFINE_integer("seed", 0, "sample: noise seed.")
 flags.DEFINE_integer("class", None, "sample: class label for every sample (default: cycle).")
 flags.DEFINE_float("guidance", None, "sample: classifier-free guidance scale (1 = none).")
 flags.DEFINE_string("out", None, "sample: output PNG (an .npz with the arrays goes beside it).")
+flags.DEFINE_bool("distributed", False, "Join a multi-host run: jax.distributed.initialize() "
+                  "finds its peers on TPU pods and SLURM clusters.")
 
 COMMANDS = ("train", "sample")
 
@@ -94,6 +96,7 @@ def _run(command):
     from jaxdiff.cli import commands as run  # heavy imports only once the flags are valid
 
     logging.set_verbosity(logging.WARNING)  # orbax reports every save at INFO
+    _init_distributed()
     try:
         if command == "train":
             if FLAGS.config is None or FLAGS.workdir is None:
@@ -101,9 +104,32 @@ def _run(command):
             run.train(FLAGS.config, FLAGS.workdir)
         else:
             _sample(run)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"jaxdiff {command}: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:  # device out of memory: one line naming the knobs, else re-raise
+        from jaxdiff import faults
+
+        message = faults.oom_message(e, faults.memory_hints(FLAGS.config))
+        if message is None:
+            raise
+        print(f"jaxdiff {command}: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _init_distributed():
+    """Joins a multi-process run before any JAX computation. launch/local.sh sets
+    JAXDIFF_COORDINATOR / JAXDIFF_NUM_PROCESSES / JAXDIFF_PROCESS_ID (CPU processes talk over
+    gloo); with --distributed, jax.distributed.initialize() reads the cluster's environment."""
+    import jax
+
+    coordinator = os.environ.get("JAXDIFF_COORDINATOR")
+    if coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, int(os.environ["JAXDIFF_NUM_PROCESSES"]),
+                                   int(os.environ["JAXDIFF_PROCESS_ID"]))
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
 
 
 def _sample(run):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from jaxdiff import data as data_lib
-from jaxdiff import models
+from jaxdiff import models, parallel
 from jaxdiff import train as train_lib
 from jaxdiff.process import PROCESSES, DiscreteVP
 
@@ -42,10 +42,24 @@ def model(cfg):
 
 
 def dataset(cfg, seed):
-    d = cfg.data
-    return data_lib.build(d.name, "train", batch_size=d.batch_size, seed=seed,
+    """This process's share of the data: `data.batch_size` is the global batch, split evenly
+    over the processes."""
+    d, n = cfg.data, jax.process_count()
+    if d.batch_size % n:
+        raise ValueError(f"data.batch_size={d.batch_size} (the global batch) is not divisible by "
+                         f"the {n} processes")
+    return data_lib.build(d.name, "train", batch_size=d.batch_size // n, seed=seed,
                           random_flip=d.random_flip, data_dir=d.data_dir,
                           process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def mesh(cfg):
+    """config.mesh: {data, fsdp, tensor} sizes over all devices, one of them may be -1."""
+    unknown = sorted(set(cfg.mesh) - set(parallel.AXES))
+    if unknown:
+        raise ValueError(f"mesh.{unknown[0]} is not a mesh axis; allowed: "
+                         f"{', '.join(parallel.AXES)}")
+    return parallel.make_mesh(**dict(cfg.mesh))
 
 
 def optimizer(cfg):

@@ -7,32 +7,41 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jaxdiff
-from jaxdiff import images
+from jaxdiff import faults, images, parallel
 from jaxdiff import train as train_lib
-from jaxdiff.checkpoint import Checkpointer, CheckpointError, abstract
+from jaxdiff.checkpoint import Checkpointer, CheckpointError
 from jaxdiff.cli import build
 from jaxdiff.guidance import CFG
 
 
 def train(config, workdir):
-    """Trains from `config`, resuming from `workdir`; ends with samples and a short report."""
+    """Trains from `config`, resuming from `workdir`; ends with samples and a short report.
+
+    The state is sharded on the mesh `config.mesh` over all devices; `config.data.batch_size`
+    is the global batch (all processes together), split evenly over processes and over the
+    mesh's data×fsdp devices."""
     t_start = time.time()
     os.makedirs(workdir, exist_ok=True)
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())
     model, process, info = build.model(config), build.process(config), build.data_info(config)
+    mesh = build.mesh(config)
+    data = build.dataset(config, config.train.seed)  # checks the batch against the processes
+    parallel.check_batch(config.data.batch_size, mesh)
     tx, lr_fn = build.optimizer(config)
     c = config.train
     state = train_lib.init_state(model, tx, x_shape=info["shape"], num_classes=_classes(config),
-                                 seed=c.seed, ema_decays=tuple(config.optim.ema_decays))
+                                 seed=c.seed, ema_decays=tuple(config.optim.ema_decays),
+                                 mesh=mesh)
     step = train_lib.make_train_step(model, tx, lr_fn, process=process,
                                      prediction=config.loss.prediction,
                                      ema_decays=tuple(config.optim.ema_decays),
                                      num_classes=_classes(config), p_uncond=config.loss.p_uncond,
                                      loss_options=build.loss_options(config))
+    if c.get("skip_nonfinite", False):
+        step = faults.with_skip_nonfinite(step)
 
     def sample_fn(state, step):
         x, labels = draw(config, model, process, state.ema_params[0], num=c.num_samples, seed=0)
@@ -41,58 +50,78 @@ def train(config, workdir):
         if step == c.steps:
             _report(config, workdir, x, labels, step, t_start)
 
-    train_lib.train(state, step, build.dataset(config, c.seed), workdir=workdir,
-                    total_steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every,
-                    keep=c.keep, sample_every=c.sample_every, sample_fn=sample_fn,
-                    description=build.description(config))
+    train_lib.train(state, step, data, workdir=workdir, total_steps=c.steps,
+                    log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep,
+                    sample_every=c.sample_every, sample_fn=sample_fn,
+                    description=build.description(config), mesh=mesh)
 
 
 def draw(config, model, process, params, *, num, seed, sampler=None, steps=None, label=None,
-         guidance=None):
-    """num samples from `params`; class-conditional models get labels 0..K-1 cycled (or
-    `label`) with classifier-free guidance at `guidance` (default: the config's)."""
+         guidance=None, mesh=None):
+    """num samples from `params`, data-parallel over `mesh` (default: every device on "data");
+    class-conditional models get labels 0..K-1 cycled (or `label`) with classifier-free
+    guidance at `guidance` (default: the config's).
+
+    Samples are padded up to a multiple of the data×fsdp devices and the padding dropped after.
+    Sample i starts from the noise normal(fold_in(key(seed), i)); a stochastic sampler gets the
+    one key key(seed + 1), and JAX's partitionable threefry (the default) makes its draws of
+    shape (N, ...) independent of how they are sharded and row i independent of N. So sample i
+    is the same for any device count or `num` > i, up to float reassociation."""
     s = config.sampler
-    info = build.data_info(config)
-    noise = jax.random.normal(jax.random.key(seed), (num,) + tuple(info["shape"]))
-    net = train_lib.network(model, params)
-    K = _classes(config)
-    labels = None
-    guide = None
-    if K:
-        if label is not None and not 0 <= label < K:
-            raise ValueError(f"--class={label} is not a class of this model; allowed: 0..{K - 1}")
-        labels = jnp.full((num,), label) if label is not None else jnp.arange(num) % K
-        guide = CFG(scale=s.guidance if guidance is None else guidance, y=labels,
-                    y_null=jnp.full((num,), K))
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    padded = parallel.padded_size(num, mesh)
+    noise = parallel.per_index_normal(jax.random.key(seed), padded,
+                                      build.data_info(config)["shape"], mesh)
+    net = train_lib.network(model, jax.device_put(params, parallel.replicated(mesh)))
+    labels, guide = _labels(config, padded, label, guidance, mesh)
     x = jaxdiff.sample(net, noise, process=process, prediction=config.loss.prediction,
                        sampler=sampler or s.name, steps=steps or s.steps, schedule=s.schedule,
                        key=jax.random.key(seed + 1), guidance=guide, **dict(s.options))
-    return np.asarray(x), None if labels is None else np.asarray(labels)
+    return parallel.gather(x)[:num], None if labels is None else labels[:num]
+
+
+def _labels(config, num, label, guidance, mesh):
+    """(host labels, CFG guidance split over `mesh`), or (None, None) for unconditional models."""
+    K = _classes(config)
+    if not K:
+        return None, None
+    if label is not None and not 0 <= label < K:
+        raise ValueError(f"--class={label} is not a class of this model; allowed: 0..{K - 1}")
+    labels = np.full(num, label, np.int32) if label is not None else np.arange(num) % K
+    scale = config.sampler.guidance if guidance is None else guidance
+    guide = CFG(scale=scale, y=parallel.put_global(labels.astype(np.int32), mesh),
+                y_null=parallel.put_global(np.full(num, K, np.int32), mesh))
+    return labels, guide
 
 
 def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=None,
            guidance=None):
-    """Loads the EMA params of the latest checkpoint and writes `out` (PNG) and `.npz`."""
+    """Loads the EMA params of the latest checkpoint and writes `out` (PNG) and `.npz`;
+    sampling is data-parallel over every device (see `draw`)."""
     model, process = build.model(config), build.process(config)
     tx, _ = build.optimizer(config)
     ckpt = Checkpointer(workdir)
     if ckpt.latest_step() is None:
         raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first with "
                               f"jaxdiff train --config ... --workdir {workdir}")
-    template = jax.eval_shape(lambda: train_lib.init_state(
+    mesh = parallel.make_mesh()  # restored straight into the sampling layout
+    template = train_lib.abstract_state(
         model, tx, x_shape=build.data_info(config)["shape"], num_classes=_classes(config),
-        seed=0, ema_decays=tuple(config.optim.ema_decays)))
-    state, _ = ckpt.restore(abstract(template), build.description(config))
+        ema_decays=tuple(config.optim.ema_decays), mesh=mesh)
+    state, _ = ckpt.restore(template, build.description(config))
     ckpt.close()
     x, labels = draw(config, model, process, state.ema_params[0], num=num, seed=seed,
-                     sampler=sampler, steps=steps, label=label, guidance=guidance)
+                     sampler=sampler, steps=steps, label=label, guidance=guidance, mesh=mesh)
     _save_samples(out, x)
-    np.savez(os.path.splitext(out)[0] + ".npz", samples=x,
-             labels=np.zeros(0) if labels is None else labels)
-    print(f"wrote {out} ({num} samples, step {int(state.step)})")
+    if jax.process_index() == 0:
+        np.savez(os.path.splitext(out)[0] + ".npz", samples=x,
+                 labels=np.zeros(0) if labels is None else labels)
+        print(f"wrote {out} ({num} samples, step {int(state.step)})")
 
 
 def _save_samples(path, x, cols=None):
+    if jax.process_index() != 0:  # every process computes the samples, one writes them
+        return
     if x.ndim == 2:  # vectors: a scatter plot of the first two coordinates
         images.save_scatter(path, x)
     else:
@@ -114,10 +143,13 @@ def _report(config, workdir, x, labels, step, t_start):
         acc, per_class = digits.agreement(x, labels)
         report.update(classifier_agreement=acc, per_class=per_class)
     _write_json(os.path.join(workdir, "report.json"), report)
-    print("report: " + json.dumps(report))
+    if jax.process_index() == 0:
+        print("report: " + json.dumps(report))
 
 
 def _write_json(path, obj):
+    if jax.process_index() != 0:
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)

@@ -17,15 +17,17 @@ Sources:
 The pipeline is a ``grain.MapDataset`` graph, so every element is a pure function of
 ``(seed, position)``::
 
-    source -> image prep -> shuffle(seed) -> random flip(seed) -> shard -> batch -> [-1, 1]
+    source -> image prep -> shuffle(seed) -> random flip(seed) -> batch -> shard -> [-1, 1]
            -> repeat(num_epochs) -> to_iter_dataset (thread prefetch)
 
 * Shuffling is a global permutation of the split, different in every epoch (grain derives the
   epoch's permutation from ``seed + epoch``).
-* Sharding takes every ``process_count``-th example of the shuffled order, starting at
-  ``process_index``, after truncating the split to a multiple of ``process_count``; all processes
-  use the same seed, so within an epoch their shards are disjoint, cover the (truncated) split
-  and have the same length (hence the same number of steps). ``batch_size`` is per process.
+* Sharding takes every ``process_count``-th batch of the shuffled stream, starting at
+  ``process_index``: the k-th batches of processes 0..P-1, side by side, are exactly the k-th
+  global batch that one process with ``P * batch_size`` would read, so a run gives the same
+  results on any number of processes. All processes use the same seed: within an epoch their
+  shards are disjoint and equally long (hence the same number of steps). ``batch_size`` is per
+  process.
 * Batches never straddle epochs; the last partial batch of each epoch is dropped.
 * Random horizontal flip is off by default and must stay off for digits (a mirrored digit is
   not a digit); it is seeded by ``(seed, position in the shuffled stream)``.
@@ -174,11 +176,13 @@ def _to_model_inputs(batch: dict) -> dict:
     return {"x": x, "label": batch["label"].astype(np.int32)}
 
 
-def _shard(ds: grain.MapDataset, index: int, count: int) -> grain.MapDataset:
-    """Equal-length strided shard ``index`` of ``count`` (truncates to a multiple of count)."""
-    if count == 1:
-        return ds
-    return ds[: len(ds) // count * count][index::count]
+def _shard(ds: grain.MapDataset, batch_size: int, index: int, count: int) -> grain.MapDataset:
+    """Batches, then the equal-length strided shard ``index`` of ``count`` of those batches."""
+    if len(ds) < batch_size * count:
+        raise ValueError(f"{len(ds)} examples do not fill one batch of {batch_size} on each of "
+                         f"{count} processes")
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds if count == 1 else ds[: len(ds) // count * count][index::count]
 
 
 def _check_args(name, batch_size, seed, num_epochs, process_index, process_count, flip, size):
@@ -229,9 +233,7 @@ def build(
         ds = ds.shuffle(seed=seed)
     if random_flip:
         ds = ds.random_map(_random_flip, seed=seed)
-    ds = _shard(ds, process_index, process_count)
-    if len(ds) < batch_size:
-        raise ValueError(f"shard of {len(ds)} examples is smaller than batch_size={batch_size}")
-    ds = ds.batch(batch_size, drop_remainder=True).map(_to_model_inputs).repeat(num_epochs)
+    ds = _shard(ds, batch_size, process_index, process_count)
+    ds = ds.map(_to_model_inputs).repeat(num_epochs)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(options))

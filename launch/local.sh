@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs one jaxdiff command as N cooperating processes on this machine (JAX multi-controller,
+# CPU collectives over gloo), e.g. to rehearse a multi-host run:
+#
+#   launch/local.sh 2 train --config configs/toy2d.py --workdir runs/toy2d-2proc
+#
+# Each process gets JAXDIFF_LOCAL_DEVICES fake CPU devices (default 1). Exit status: the first
+# failing process's, else 0.
+set -euo pipefail
+n=${1:?usage: launch/local.sh N COMMAND [ARGS...]}
+shift
+here=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-$here/.venv/bin/python}
+[ -x "$python" ] || python=python3
+port=${JAXDIFF_PORT:-$((20000 + RANDOM % 20000))}
+devices=${JAXDIFF_LOCAL_DEVICES:-1}
+pids=()
+for ((i = 0; i < n; i++)); do
+  JAXDIFF_COORDINATOR="localhost:$port" JAXDIFF_NUM_PROCESSES="$n" JAXDIFF_PROCESS_ID="$i" \
+    XLA_FLAGS="--xla_force_host_platform_device_count=$devices ${XLA_FLAGS:-}" \
+    "$python" -m jaxdiff.cli "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || { s=$?; [ "$status" -ne 0 ] || status=$s; }
+done
+exit "$status"
