@@ -16,6 +16,9 @@ $(BASE): setup.py pyproject.toml
 
 $(FULL): $(BASE)
 	$(BIN)/python -m pip install -q -e ".[test,parity]"
+	# torch-fidelity (FID InceptionV3 reference for parity tests) declares torchvision, which has
+	# no CPU build here and would pull CUDA torch: install it alone; the test loads one module.
+	$(BIN)/python -m pip install -q --no-deps torch-fidelity==0.4.0
 	touch $(FULL)
 
 # The main job: install, train the default config on the built-in digits, write samples and a

@@ -13,7 +13,8 @@ from ml_collections import ConfigDict
 def get_config():
     c = ConfigDict()
     c.model = dict(name="unet", channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=4,
-                   attn_resolutions=(16,), dropout=0.1, num_classes=0, norm_groups=32)
+                   attn_resolutions=(16,), dropout=0.1, num_classes=0, norm_groups=32,
+                   remat=False)
     c.process = dict(name="vp_linear", beta_min=0.1, beta_max=20.0, t_min=1e-5, time_scale=999.0)
     c.loss = dict(prediction="eps", weighting="uniform", time_sampling="uniform", p_uncond=0.0)
     c.sampler = dict(name="dpmpp_2m", steps=50, schedule="logsnr", guidance=1.0, options={})

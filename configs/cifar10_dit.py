@@ -15,7 +15,8 @@ BASE = runpy.run_path(os.path.join(os.path.dirname(__file__), "cifar10_ddpmpp.py
 
 def get_config():
     c = BASE["get_config"]()
-    c.model = dict(name="dit", preset="DiT-S/2", num_classes=10, learn_sigma=False)
+    c.model = dict(name="dit", preset="DiT-S/2", num_classes=10, learn_sigma=False,
+                   remat=False)
     c.process = dict(name="rectified_flow", time_scale=1000.0)
     c.loss = dict(prediction="flow", weighting="uniform", time_sampling="logit_normal",
                   p_uncond=0.1)

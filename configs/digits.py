@@ -13,7 +13,8 @@ from ml_collections import ConfigDict
 def get_config():
     c = ConfigDict()
     c.model = dict(name="unet", channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                   attn_resolutions=(4,), norm_groups=8, dropout=0.1, num_classes=10)
+                   attn_resolutions=(4,), norm_groups=8, dropout=0.1, num_classes=10,
+                   remat=False)
     c.process = dict(name="edm", sigma_data=0.5)
     c.loss = dict(prediction="edm", weighting="uniform", time_sampling="lognormal", p_uncond=0.1)
     c.sampler = dict(name="dpmpp_2m", steps=20, schedule="karras", guidance=2.0, options={})

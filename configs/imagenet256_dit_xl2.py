@@ -17,7 +17,8 @@ BASE = runpy.run_path(os.path.join(os.path.dirname(__file__), "cifar10_ddpmpp.py
 
 def get_config():
     c = BASE["get_config"]()
-    c.model = dict(name="dit", preset="DiT-XL/2", num_classes=1000, learn_sigma=False)
+    c.model = dict(name="dit", preset="DiT-XL/2", num_classes=1000, learn_sigma=False,
+                   remat=False)
     c.process = dict(name="discrete_vp", beta_schedule="linear")
     c.loss = dict(prediction="eps", weighting="uniform", time_sampling="uniform", p_uncond=0.1)
     c.sampler = dict(name="ddim", steps=250, schedule="trailing", guidance=1.5, options={})

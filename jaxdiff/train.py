@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Any
 
@@ -191,6 +192,11 @@ def train(state, train_step, data, *, workdir, total_steps, log_every=100, ckpt_
         step_fn = parallel.jit_train_step(train_step, parallel.shardings_of(state), mesh, rules)
         put = functools.partial(parallel.shard_batch, mesh=mesh)
     logger = MetricsLog(workdir, total_steps, enabled=log and jax.process_index() == 0)
+    if log:  # one line per process: what joined the run
+        print(f"jaxdiff train: process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} of {jax.device_count()} devices"
+              + (f", mesh {dict(mesh.shape)}" if mesh is not None else "")
+              + f", from step {int(state.step)}", file=sys.stderr, flush=True)
     try:
         with faults.PreemptionGuard() as preempt:  # SIGTERM/Ctrl-C: save, stop, exit 0
             state = _loop(state, step_fn, put, data, ckpt, logger, total_steps, log_every,

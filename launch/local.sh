@@ -5,7 +5,7 @@
 #   launch/local.sh 2 train --config configs/toy2d.py --workdir runs/toy2d-2proc
 #
 # Each process gets JAXDIFF_LOCAL_DEVICES fake CPU devices (default 1). Exit status: the first
-# failing process's, else 0.
+# failing process's, else 0. `kill -TERM <this script>` rehearses a preemption.
 set -euo pipefail
 n=${1:?usage: launch/local.sh N COMMAND [ARGS...]}
 shift
@@ -21,8 +21,17 @@ for ((i = 0; i < n; i++)); do
     "$python" -m jaxdiff.cli "$@" &
   pids+=($!)
 done
+# SIGTERM to this script is a preemption notice for every process: each finishes its step,
+# they save one checkpoint together and exit 0. (Ctrl-C already reaches them all from the
+# terminal.) A trap interrupts `wait`, so wait again until each process has really ended.
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM
+trap ':' INT
 status=0
 for pid in "${pids[@]}"; do
-  wait "$pid" || { s=$?; [ "$status" -ne 0 ] || status=$s; }
+  while :; do
+    s=0; wait "$pid" || s=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  [ "$status" -ne 0 ] || status=$s
 done
 exit "$status"

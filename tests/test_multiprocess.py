@@ -2,6 +2,7 @@
 join with jax.distributed (CPU collectives over gloo)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -17,9 +18,9 @@ ARGS = ["train", "--config=configs/toy2d.py", "--config.model.width=32",
         "--config.sampler.steps=2"]
 
 
-def _run(processes, devices, workdir, steps):
+def _run(processes, devices, workdir, steps, extra=()):
     env = dict(os.environ, JAXDIFF_LOCAL_DEVICES=str(devices), PYTHON=sys.executable)
-    out = subprocess.run(["bash", "launch/local.sh", str(processes), *ARGS,
+    out = subprocess.run(["bash", "launch/local.sh", str(processes), *ARGS, *extra,
                           f"--config.train.steps={steps}", f"--workdir={workdir}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -55,3 +56,85 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(tmp_path):
     _run(1, 8, one, steps=9)
     (s2, p2), (s1, p1) = _params(two), _params(one)
     assert s1 == s2 == 9 and _close(p1, p2)
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Stands in for SLURM's srun: starts SLURM_NTASKS copies of the command with their ranks.
+while [[ $1 == -* ]]; do shift; done  # srun's own options
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@" & pids+=($!); done
+s=0; for p in "${pids[@]}"; do wait "$p" || s=$?; done; exit $s
+"""
+
+
+def test_slurm_script_runs_two_tasks_that_join(tmp_path):
+    """launch/slurm.sbatch under stand-ins for srun and scontrol: the coordinator is the job's
+    first node, the ranks come from SLURM's environment, and the two tasks train together."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'localhost\\nnode-b\\n'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable,
+               SLURM_JOB_NODELIST="localhost,node-b", SLURM_NTASKS="2", SLURM_NNODES="2",
+               SLURM_JOB_ID=str(os.getpid()),
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run(["bash", "launch/slurm.sbatch", *ARGS, "--config.train.steps=3",
+                          f"--workdir={tmp_path / 'run'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 node(s), coordinator localhost:" in out.stderr
+    assert _params(tmp_path / "run")[0] == 3
+    for rank in (0, 1):
+        assert f"jaxdiff train: process {rank} of 2, 2 of 4 devices" in out.stderr
+
+
+def test_launch_scripts_parse_and_tpu_script_targets_every_worker():
+    for script in ("local.sh", "slurm.sbatch", "tpu_pod.sh"):
+        check = subprocess.run(["bash", "-n", f"launch/{script}"], cwd=ROOT,
+                               capture_output=True, text=True)
+        assert check.returncode == 0, (script, check.stderr)
+    env = dict(os.environ, DRY_RUN="1", TPU_NAME="pod", TPU_ZONE="zone-a")
+    out = subprocess.run(["bash", "launch/tpu_pod.sh", "train", "--config", "configs/digits.py",
+                          "--workdir", "/mnt/shared/run"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("gcloud compute tpus tpu-vm ssh pod --worker=all ")
+    assert "jaxdiff\\ train\\ --distributed\\ --config\\ configs/digits.py" in out.stdout
+    assert "--zone=zone-a" in out.stdout
+    bad = subprocess.run(["bash", "launch/tpu_pod.sh", "train2"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "allowed: create, install, train" in bad.stderr
+
+
+def test_sigterm_stops_every_process_at_one_step_and_resumes(tmp_path):
+    """A preemption notice reaching both processes: they agree on one step (JAX's preemption
+    service), save it together and exit 0; the resumed run equals an uninterrupted one."""
+    import signal
+    import time
+
+    common = [*ARGS, "--config.optim.schedule=constant", "--config.train.log_every=1"]
+    env = dict(os.environ, JAXDIFF_LOCAL_DEVICES="2", PYTHON=sys.executable)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(["bash", "launch/local.sh", "2", *common, "--config.train.steps=100000",
+                             f"--workdir={run}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # to the launcher, which passes it to every process
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stops = re.findall(r"stopped at step (\d+)", err)
+    assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]
+    step = int(stops[0])
+    assert _params(run)[0] == step
+    # resume in 2 processes to step + 3, against one process that never stopped
+    _run(2, 2, run, steps=step + 3, extra=["--config.optim.schedule=constant"])
+    ref = tmp_path / "ref"
+    _run(1, 4, ref, steps=step + 3, extra=["--config.optim.schedule=constant"])
+    (s1, p1), (s2, p2) = _params(run), _params(ref)
+    assert s1 == s2 == step + 3 and _close(p1, p2)

@@ -16,3 +16,17 @@ def test_readme_python_blocks_run(capsys):
     shape, spread = lines[0].split(") ")
     assert shape == "(512, 2" and abs(float(spread) - 1.0) < 0.05  # both modes at |x0| = 1
     assert abs(float(lines[1]) - 1.0) < 0.05  # guided to class 1's mode
+
+
+def test_readme_names_only_files_and_make_targets_that_exist():
+    text = README.read_text()
+    root = README.parent
+    paths = set(re.findall(r"\b((?:configs|launch|benchmarks|notebooks)/[\w./-]+\.\w+)", text))
+    assert {"launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch"} <= paths
+    missing = sorted(p for p in paths - {"configs/nope.py"}  # the troubleshooting example
+                     if not (root / p).exists())
+    assert not missing, f"README names missing files: {missing}"
+    makefile = (root / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w.-]+):", makefile, re.M)) | {".venv/.installed-base"}  # $(BASE)
+    named = set(re.findall(r"\bmake ([\w./-]+)", text))
+    assert {"demo", "test"} <= named and named <= targets, named - targets

@@ -137,6 +137,11 @@ def test_resuming_another_architecture_is_refused(tmp_path):
     assert other.returncode != 0
     assert "holds a checkpoint (step 2) of another architecture" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1  # one clear line, no traceback
+    # remat changes how the network computes, not its parameters: the run resumes with it
+    remat = _cli("train", *TINY, "--config.model.remat=True", "--config.train.steps=4",
+                 f"--workdir={run}")
+    assert remat.returncode == 0, remat.stderr[-2000:]
+    assert "from step 2" in remat.stderr
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -73,6 +73,12 @@ def loss_options(cfg):
     return dict(weighting=cfg.loss.weighting, time_sampling=cfg.loss.time_sampling)
 
 
+# Model fields that change how the network computes, not its parameters: a run may resume with
+# other values (e.g. remat switched on after running out of memory).
+COMPUTE_ONLY = ("remat", "dtype", "attention_impl")
+
+
 def description(cfg):
     """What a checkpoint must match to be resumed or sampled from."""
-    return {"model": dict(cfg.model), "data": cfg.data.name, "process": dict(cfg.process)}
+    model = {k: v for k, v in cfg.model.items() if k not in COMPUTE_ONLY}
+    return {"model": model, "data": cfg.data.name, "process": dict(cfg.process)}

@@ -54,8 +54,28 @@ def build(name, *, preset=None, image_size=None, **kwargs):
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
         raise ValueError(f"{name!r} has no field(s) {unknown}; allowed: {', '.join(fields)}")
+    _check_sizes(name, kwargs)
     model = cls(**kwargs)
     if image_size is not None:
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         model.check_image_size(height, width)
     return model
+
+
+POSITIVE = ("channels", "num_res_blocks", "num_heads", "norm_groups", "patch_size", "hidden_size",
+            "depth", "width", "mlp_ratio")
+PROBABILITIES = ("dropout", "class_dropout_prob")
+
+
+def _check_sizes(name, fields):
+    """One-line ValueError for a size that is not positive or a probability outside [0, 1)."""
+    for key in POSITIVE:
+        if key in fields and not fields[key] > 0:
+            raise ValueError(f"{name} {key}={fields[key]!r} must be > 0")
+    for key in PROBABILITIES:
+        if key in fields and not 0 <= fields[key] < 1:
+            raise ValueError(f"{name} {key}={fields[key]!r} must be in [0, 1)")
+    mult = fields.get("channel_mult", (1,))
+    if len(mult) == 0 or any(not m > 0 for m in mult):
+        raise ValueError(f"{name} channel_mult={tuple(mult)!r} must be a non-empty list of "
+                         "positive multipliers")
