@@ -15,6 +15,10 @@ first (`push`). Step i combines them as x' = a x + sum_j c_j hist_j, with scalar
 All coefficients stay finite whatever the step (also those of the orders not taken, which
 `jnp.where` would otherwise turn into NaN gradients): before the grid starts, `past_sigmas`
 supplies fictitious distinct levels, and a step to 0 uses a stand-in ratio in the high-order terms.
+
+`use_kernel=True` runs the update x' = a x + sum_j c_j hist_j as the fused Pallas kernel
+`jaxdiff.kernels.solver_step` (one pass over memory, float32 accumulation, differentiable); the
+default jnp path is unchanged.
 """
 
 from __future__ import annotations
@@ -50,10 +54,22 @@ def step_order(i, n, order, lower_order_final, *, below=15, sigma_next=None):
     return jnp.asarray(p, jnp.int32)
 
 
-def combine(a, c, x, hist):
-    """a x + sum_j c_j hist_j over the history's depth, in x's dtype."""
+def combine(a, c, x, hist, use_kernel=False):
+    """a x + sum_j c_j hist_j over the history's depth, in x's dtype; `use_kernel`: fused
+    (`jaxdiff.kernels.solver_step`, float32 coefficients and accumulation)."""
+    if use_kernel:
+        return fused_step(a, x, jnp.asarray(c)[: hist.shape[0]], hist)
     c = jnp.asarray(c, x.dtype)[: hist.shape[0]]
     return jnp.asarray(a, x.dtype) * x + jnp.tensordot(c, hist, axes=1)
+
+
+def fused_step(a, x, b, ds):
+    """`jaxdiff.kernels.solver_step` with float32 (or float64) coefficients. Imported on first
+    use: the samplers (math layer) do not import the kernels layer unless asked to."""
+    from jaxdiff.kernels.solver_step import compute_dtype, solver_step
+
+    ct = compute_dtype(x.dtype)
+    return solver_step(jnp.asarray(a, ct), x, jnp.asarray(b, ct), ds)
 
 
 def ratio(sigmas, i):
@@ -64,7 +80,7 @@ def ratio(sigmas, i):
     return rho, rho_safe, -jnp.log(rho_safe)
 
 
-def _multistep(denoiser, x, sigmas, k, coefs, *, slope, num_steps, trajectory):
+def _multistep(denoiser, x, sigmas, k, coefs, *, slope, num_steps, trajectory, use_kernel):
     """Loop shared by the samplers here: one NFE, push D (or the slope d = (x - D)/sigma when
     `slope`) to a k-deep history, then x' = a x + sum_j c_j hist_j with (a, c) = coefs(i)."""
 
@@ -73,7 +89,7 @@ def _multistep(denoiser, x, sigmas, k, coefs, *, slope, num_steps, trajectory):
         D = denoiser(x, s)
         hist = push(hist, (x - D) / s.astype(x.dtype) if slope else D)
         a, c = coefs(i)
-        return combine(a, c, x, hist), hist
+        return combine(a, c, x, hist, use_kernel), hist
 
     hist = jnp.zeros((k,) + x.shape, x.dtype)
     return run(step, x, sigmas, hist, num_steps=num_steps, trajectory=trajectory)
@@ -106,7 +122,7 @@ def _dpmpp_coefs(sigmas, i, p, exact_phi3=False):
 
 
 def _dpmpp(denoiser, x, sigmas, order, lower_order_final, euler_at_final, num_steps, trajectory,
-           exact_phi3=False):
+           exact_phi3=False, use_kernel=False):
     n = num_steps_of(sigmas, num_steps)
 
     def coefs(i):
@@ -114,21 +130,21 @@ def _dpmpp(denoiser, x, sigmas, order, lower_order_final, euler_at_final, num_st
         p = jnp.where(euler_at_final & (i == n - 1), 1, p)
         return _dpmpp_coefs(sigmas, i, p, exact_phi3)
 
-    return _multistep(
-        denoiser, x, sigmas, order, coefs, slope=False, num_steps=num_steps, trajectory=trajectory
-    )
+    return _multistep(denoiser, x, sigmas, order, coefs, slope=False, num_steps=num_steps,
+                      trajectory=trajectory, use_kernel=use_kernel)
 
 
 def dpmpp_2m(denoiser, x, sigmas, *, lower_order_final=True, euler_at_final=False,
-             num_steps=None, trajectory=False):
+             num_steps=None, trajectory=False, use_kernel=False):
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2; diffusers' `solver_type="midpoint"`): 1 NFE
     per step. First step first order; `lower_order_final`: last step first order when n < 15;
-    `euler_at_final`: always."""
-    return _dpmpp(denoiser, x, sigmas, 2, lower_order_final, euler_at_final, num_steps, trajectory)
+    `euler_at_final`: always. `use_kernel`: fused update (module docstring)."""
+    return _dpmpp(denoiser, x, sigmas, 2, lower_order_final, euler_at_final, num_steps, trajectory,
+                  use_kernel=use_kernel)
 
 
 def dpmpp_3m(denoiser, x, sigmas, *, lower_order_final=True, euler_at_final=False,
-             exact_phi3=False, num_steps=None, trajectory=False):
+             exact_phi3=False, num_steps=None, trajectory=False, use_kernel=False):
     """DPM-Solver++(3M): the multistep data-prediction solver of Lu et al. 2022b extended by a
     second divided difference, as the DPM-Solver reference code, diffusers'
     `multistep_dpm_solver_third_order_update` and k-diffusion do it: 1 NFE per step. Warm-up
@@ -138,7 +154,7 @@ def dpmpp_3m(denoiser, x, sigmas, *, lower_order_final=True, euler_at_final=Fals
     leaving a local error h^3 D''/12: it is formally second order (tests measure it).
     `exact_phi3=True` uses the exact weight 2 (-phi_3), which makes it third order."""
     return _dpmpp(denoiser, x, sigmas, 3, lower_order_final, euler_at_final, num_steps, trajectory,
-                  exact_phi3)
+                  exact_phi3, use_kernel)
 
 
 # --- Lagrange interpolation (DEIS, LMS) ----------------------------------------------------
@@ -180,7 +196,7 @@ def _deis_coefs(sigmas, i, p, k):
 
 
 def deis(denoiser, x, sigmas, *, order=3, lower_order_final=True, num_steps=None,
-         trajectory=False):
+         trajectory=False, use_kernel=False):
     """DEIS multistep (Zhang & Chen 2023, Sec. 4: AB-DEIS, Lagrange extrapolation of past
     predictions under the exponential integrator) in diffusers' `logrho` form: eps = (x - D)/sigma
     of the last `order` steps is extrapolated by a Lagrange polynomial in log sigma and
@@ -194,9 +210,8 @@ def deis(denoiser, x, sigmas, *, order=3, lower_order_final=True, num_steps=None
         p = step_order(i, n, order, lower_order_final, sigma_next=sigmas[i + 1])
         return _deis_coefs(sigmas, i, p, order)
 
-    return _multistep(
-        denoiser, x, sigmas, order, coefs, slope=True, num_steps=num_steps, trajectory=trajectory
-    )
+    return _multistep(denoiser, x, sigmas, order, coefs, slope=True, num_steps=num_steps,
+                      trajectory=trajectory, use_kernel=use_kernel)
 
 
 # --- Adams-Bashforth in sigma (iPNDM, LMS) -------------------------------------------------
@@ -207,7 +222,7 @@ _AB = np.array(
 )
 
 
-def ipndm(denoiser, x, sigmas, *, order=4, num_steps=None, trajectory=False):
+def ipndm(denoiser, x, sigmas, *, order=4, num_steps=None, trajectory=False, use_kernel=False):
     """iPNDM (Zhang & Chen 2023, the DEIS paper's improved PNDM; as in Zhou et al. 2024's
     diff-solvers benchmark):
     Adams-Bashforth with the fixed uniform-step coefficients on d = (x - D)/sigma in sigma,
@@ -219,12 +234,11 @@ def ipndm(denoiser, x, sigmas, *, order=4, num_steps=None, trajectory=False):
         p = jnp.minimum(order, i + 1)
         return 1.0, (sigmas[i + 1] - sigmas[i]) * jnp.asarray(_AB, sigmas.dtype)[p - 1]
 
-    return _multistep(
-        denoiser, x, sigmas, order, coefs, slope=True, num_steps=num_steps, trajectory=trajectory
-    )
+    return _multistep(denoiser, x, sigmas, order, coefs, slope=True, num_steps=num_steps,
+                      trajectory=trajectory, use_kernel=use_kernel)
 
 
-def lms(denoiser, x, sigmas, *, order=4, num_steps=None, trajectory=False):
+def lms(denoiser, x, sigmas, *, order=4, num_steps=None, trajectory=False, use_kernel=False):
     """Linear multistep (k-diffusion's `sample_lms`, diffusers' `LMSDiscreteScheduler`):
     variable-step Adams-Bashforth on d = (x - D)/sigma in sigma, the weights being the exact
     integrals of the Lagrange basis over the past levels of the actual grid. Orders 1..4, warming
@@ -238,9 +252,8 @@ def lms(denoiser, x, sigmas, *, order=4, num_steps=None, trajectory=False):
         m = jnp.arange(1, order + 1, dtype=s.dtype)
         return 1.0, basis @ (_powers(w, order) * w / m)  # int_0^w v^(m-1) dv = w^m / m
 
-    return _multistep(
-        denoiser, x, sigmas, order, coefs, slope=True, num_steps=num_steps, trajectory=trajectory
-    )
+    return _multistep(denoiser, x, sigmas, order, coefs, slope=True, num_steps=num_steps,
+                      trajectory=trajectory, use_kernel=use_kernel)
 
 
 SAMPLERS = {"dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m, "deis": deis, "ipndm": ipndm, "lms": lms}

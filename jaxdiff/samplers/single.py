@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.samplers.base import num_steps_of, run, step_key
+from jaxdiff.samplers.multistep import fused_step
 
 
 def _ddim_step(x, x0, s, s_next):
@@ -25,36 +26,49 @@ def _ddim_step(x, x0, s, s_next):
     return x0 + (s_next / s) * (x - x0)
 
 
+def _fused_ddim_step(x, x0s, w, s, s_next):
+    """`_ddim_step` with x0 = sum_j w_j x0s_j, as one fused kernel (`jaxdiff.kernels`):
+    x' = rho x + (1 - rho) sum_j w_j x0s_j with rho = sigma'/sigma."""
+    rho = s_next / s
+    return fused_step(rho, x, (1.0 - rho) * jnp.asarray(w), list(x0s))
+
+
 def _positive(s_next, s):
     """s_next where it is > 0, else a harmless stand-in, for branches taken only when s_next > 0."""
     return jnp.where(s_next > 0, s_next, 0.5 * s)
 
 
-def ddim(denoiser, x, sigmas, *, num_steps=None, trajectory=False):
+def ddim(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=False):
     """DDIM with eta = 0 (Song et al. 2021, Eq. 12), i.e. Euler in the VE view: 1 NFE per step.
 
-    x' = D + (sigma'/sigma) (x - D)."""
+    x' = D + (sigma'/sigma) (x - D); `use_kernel`: as the fused kernel
+    `jaxdiff.kernels.solver_step`."""
 
     def step(i, x, carry):
         s, s_next = sigmas[i], sigmas[i + 1]
-        return _ddim_step(x, denoiser(x, s), s, s_next), carry
+        D = denoiser(x, s)
+        if use_kernel:
+            return _fused_ddim_step(x, [D], jnp.ones(1), s, s_next), carry
+        return _ddim_step(x, D, s, s_next), carry
 
     return run(step, x, sigmas, num_steps=num_steps, trajectory=trajectory)
 
 
-def euler(denoiser, x, sigmas, *, num_steps=None, trajectory=False):
+def euler(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=False):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D)/sigma (Karras et al. 2022,
     Eq. 4 with sigma(t) = t; k-diffusion `sample_euler`, diffusers `EulerDiscreteScheduler`):
     1 NFE per step.
 
     x' = x + (sigma' - sigma)(x - D)/sigma, which is exactly DDIM (eta = 0), so this runs `ddim`.
     EDM's stochastic churn lives in `heun`."""
-    return ddim(denoiser, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+    return ddim(denoiser, x, sigmas, num_steps=num_steps, trajectory=trajectory,
+                use_kernel=use_kernel)
 
 
-def dpm_solver_1(denoiser, x, sigmas, *, num_steps=None, trajectory=False):
+def dpm_solver_1(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=False):
     """DPM-Solver-1 (Lu et al. 2022a, Eq. 3.7): 1 NFE per step; it is DDIM, so this runs `ddim`."""
-    return ddim(denoiser, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+    return ddim(denoiser, x, sigmas, num_steps=num_steps, trajectory=trajectory,
+                use_kernel=use_kernel)
 
 
 def _singlestep(denoiser, x, sigmas, update, num_steps, trajectory):
@@ -118,16 +132,19 @@ def dpm_solver_3(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r1=1 
     return _singlestep(denoiser, x, sigmas, update, num_steps, trajectory)
 
 
-def dpmpp_2s(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r=0.5):
+def dpmpp_2s(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r=0.5, use_kernel=False):
     """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1, data prediction; r = 1/2): 2 NFE per step.
 
     u = DDIM step to sigma_1 = sigma (sigma'/sigma)^r (lambda_s + r h);
     D_r = (1 - 1/(2r)) D(x) + D(u, sigma_1)/(2r); x' = D_r + (sigma'/sigma)(x - D_r).
-    A step to sigma' = 0 is first order (DDIM, 1 NFE): NFE = 2N - 1 on a grid ending at 0."""
+    A step to sigma' = 0 is first order (DDIM, 1 NFE): NFE = 2N - 1 on a grid ending at 0.
+    `use_kernel`: the final update as the fused kernel `jaxdiff.kernels.solver_step`."""
 
     def update(x, x0, s, t):
         s1 = s * (t / s) ** r
         x0_1 = denoiser(_ddim_step(x, x0, s, s1), s1)
+        if use_kernel:
+            return _fused_ddim_step(x, [x0, x0_1], jnp.stack([1.0 - 0.5 / r, 0.5 / r]), s, t)
         return _ddim_step(x, (1.0 - 0.5 / r) * x0 + (0.5 / r) * x0_1, s, t)
 
     return _singlestep(denoiser, x, sigmas, update, num_steps, trajectory)

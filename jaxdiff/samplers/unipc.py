@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxdiff.samplers.base import num_steps_of, run
-from jaxdiff.samplers.multistep import combine, past_sigmas, push, ratio, step_order
+from jaxdiff.samplers.multistep import combine, fused_step, past_sigmas, push, ratio, step_order
 
 
 def _b(hh, B):
@@ -62,12 +62,13 @@ def _coefs(sigmas, i, p, bh2, corrector):
 
 
 def unipc(denoiser, x, sigmas, *, order=2, variant="bh2", corrector=True, lower_order_final=True,
-          num_steps=None, trajectory=False):
+          num_steps=None, trajectory=False, use_kernel=False):
     """UniPC-p (Zhao et al. 2023, Sec. 3; diffusers' UniPCMultistepScheduler with predict_x0):
     1 NFE per step; order p = 1..3 (with the corrector the method is of order p + 1); variant
     "bh1" (advised for unconditional sampling under 10 steps) or "bh2". Warm-up through lower
     orders; `lower_order_final` caps step i at order n - i whatever n (as diffusers' UniPC); a
-    step to sigma = 0 is first order."""
+    step to sigma = 0 is first order. `use_kernel`: predictor and corrector updates run as the
+    fused kernel `jaxdiff.kernels.solver_step`."""
     if order not in (1, 2, 3):
         raise ValueError(f"unipc: order={order!r} must be 1, 2 or 3")
     if variant not in ("bh1", "bh2"):
@@ -80,15 +81,23 @@ def unipc(denoiser, x, sigmas, *, order=2, variant="bh2", corrector=True, lower_
         D = denoiser(x, sigmas[i])
         if corrector:  # UniC-p for the step i-1 -> i just taken, with D at the predicted point
             a, c, c_new = _coefs(sigmas, jnp.maximum(i - 1, 0), p_prev, bh2, corrector=True)
-            x_c = combine(a, c, x_prev, hist) + jnp.asarray(c_new, x.dtype) * D
+            x_c = _corrected(a, c, c_new, x_prev, hist, D, use_kernel)
             x = jnp.where(i > 0, x_c, x)
         hist = push(hist, D)
         p = step_order(i, n, order, lower_order_final, below=jnp.inf, sigma_next=sigmas[i + 1])
         a, c, _ = _coefs(sigmas, i, p, bh2, corrector=False)
-        return combine(a, c, x, hist), (hist, x, p)
+        return combine(a, c, x, hist, use_kernel), (hist, x, p)
 
     carry = (jnp.zeros((order,) + x.shape, x.dtype), x, jnp.asarray(1, jnp.int32))
     return run(step, x, sigmas, carry, num_steps=num_steps, trajectory=trajectory)
+
+
+def _corrected(a, c, c_new, x_prev, hist, D, use_kernel):
+    """UniC's x' = a x_prev + c . hist + c_new D' (the kernel takes D' as one more term)."""
+    if not use_kernel:
+        return combine(a, c, x_prev, hist) + jnp.asarray(c_new, x_prev.dtype) * D
+    b = jnp.concatenate([jnp.asarray(c)[: hist.shape[0]], jnp.reshape(c_new, (1,))])
+    return fused_step(a, x_prev, b, [hist, D])
 
 
 SAMPLERS = {"unipc": unipc}
