@@ -20,6 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxdiff import parallel
+from jaxdiff.kernels.attention import MAX_HEAD_DIM, flash_attention
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 xavier_uniform = nn.initializers.xavier_uniform()
@@ -113,11 +117,20 @@ class LabelEmbedder(nn.Module):
         return table(jnp.where((y >= 0) & (y < rows), y, rows))
 
 
-def default_implementation(q):
-    """cuDNN flash attention on GPU for half precision and head dims it supports, else XLA."""
-    supported = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
-    if jax.default_backend() == "gpu" and supported and q.shape[-1] <= 128:
+def default_implementation(q, mask=None):
+    """The attention kernel for this backend and input.
+
+    GPU: cuDNN's fused attention for bf16/f16 with head dims that are multiples of 8 up to 128
+    (its supported range); GPU otherwise, and TPU: the Pallas flash-attention kernel when the mask
+    is absent or a key-padding mask and the head dim is at most `MAX_HEAD_DIM`; else (and always
+    on CPU, where Pallas only interprets) plain XLA.
+    """
+    backend, dim = jax.default_backend(), q.shape[-1]
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    if backend == "gpu" and half and dim % 8 == 0 and dim <= 128:
         return "cudnn"
+    if backend in ("gpu", "tpu") and dim <= MAX_HEAD_DIM and _is_key_padding(mask):
+        return "pallas"
     return "xla"
 
 
@@ -125,22 +138,54 @@ def attention(q, k, v, *, mask=None, implementation=None):
     """softmax(q kᵀ / √D) v for q (B, S, H, D), k and v (B, T, H, D) -> (B, S, H, D).
 
     mask: optional boolean, broadcastable to (B, H, S, T); True where a query may attend.
-    implementation: "xla" (plain jnp), "cudnn" (jax.nn.dot_product_attention), "pallas";
+      "pallas" takes only key-padding masks, broadcastable from (B, 1, 1, T).
+    implementation: "xla" (plain jnp), "cudnn" (jax.nn.dot_product_attention), "pallas"
+      (`jaxdiff.kernels.attention.flash_attention`; rows with no visible key give 0 there);
       None picks per backend (`default_implementation`).
     """
-    implementation = implementation or default_implementation(q)
+    implementation = implementation or default_implementation(q, mask)
     if implementation == "xla":
         return _xla_attention(q, k, v, mask)
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     if implementation == "pallas":
-        raise NotImplementedError(
-            "attention implementation='pallas' arrives with the kernels issue; use 'xla' or 'cudnn'"
-        )
+        return _pallas_attention(q, k, v, mask)
     raise ValueError(
         f"attention implementation={implementation!r} is unknown; allowed: "
         f"{', '.join(IMPLEMENTATIONS)} or None"
     )
+
+
+def _is_key_padding(mask):
+    """True for no mask or one broadcastable from (B, 1, 1, T): it hides keys, not pairs."""
+    shape = np.shape(mask)
+    return mask is None or (len(shape) <= 4 and ((1, 1, 1) + shape)[-3:-1] == (1, 1))
+
+
+def _pallas_attention(q, k, v, mask):
+    """The Pallas kernel. Under an abstract mesh with the model axes (`parallel.AXES`, set by
+    `jax.sharding.use_abstract_mesh` as in `parallel.jit_train_step`) it runs per shard inside
+    `jax.shard_map`: batch over data×fsdp, heads over tensor (each where it divides)."""
+    if not _is_key_padding(mask):
+        raise ValueError(
+            f"attention implementation='pallas' takes only key-padding masks, broadcastable from "
+            f"(B, 1, 1, T); got mask shape {np.shape(mask)}; use 'xla' or 'cudnn' for this mask"
+        )
+    (B, T), args = (q.shape[0], k.shape[1]), (q, k, v)
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)[:, 0, 0, :]  # (B | 1, T | 1)
+        args += (jnp.broadcast_to(mask, (B, T)),)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.manual_axes or not set(parallel.AXES) <= set(mesh.axis_names):
+        return flash_attention(*args)
+    spec = parallel.mesh_spec(("batch", None, "heads", None), q.shape, mesh)
+    if all(axis is None for axis in spec):
+        return flash_attention(*args)
+    in_specs = (spec,) * 3 + ((P(spec[0], None),) if mask is not None else ())
+    sharded = jax.shard_map(flash_attention, mesh=mesh, in_specs=in_specs,
+                            out_specs=spec, check_vma=False)
+    return sharded(*args)
 
 
 def _xla_attention(q, k, v, mask):
