@@ -214,6 +214,17 @@ def test_attention_switch_errors():
         attention(q, q, q, implementation="flash")
 
 
+def test_attention_key_padding_mask_agrees_across_implementations():
+    q = jax.random.normal(KEY, (2, 4, 2, 8))
+    mask = jnp.array([[True, True, False, True], [False] * 4])[:, None, None, :]  # (B, 1, 1, T)
+    xla, pallas = (attention(q, q, 2 * q, mask=mask, implementation=i) for i in ("xla", "pallas"))
+    assert float(jnp.abs(pallas - xla).max()) < 1e-5
+    assert float(jnp.abs(xla[1]).max()) == 0.0  # a query that sees no key gets 0
+    keys = jnp.array([0, 1, 3])  # masking key 2 == dropping it
+    kept = attention(q, q[:, keys], 2 * q[:, keys], implementation="xla")
+    assert float(jnp.abs(xla[0] - kept[0]).max()) < 1e-5
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
 def test_attention_cudnn_matches_xla():
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 64, 4, 64), jnp.bfloat16) for i in range(3))

@@ -140,8 +140,8 @@ def attention(q, k, v, *, mask=None, implementation=None):
     mask: optional boolean, broadcastable to (B, H, S, T); True where a query may attend.
       "pallas" takes only key-padding masks, broadcastable from (B, 1, 1, T).
     implementation: "xla" (plain jnp), "cudnn" (jax.nn.dot_product_attention), "pallas"
-      (`jaxdiff.kernels.attention.flash_attention`; rows with no visible key give 0 there);
-      None picks per backend (`default_implementation`).
+      (`jaxdiff.kernels.attention.flash_attention`); None picks per backend
+      (`default_implementation`). A query that may attend to no key gets 0 (xla and pallas).
     """
     implementation = implementation or default_implementation(q, mask)
     if implementation == "xla":
@@ -194,8 +194,10 @@ def _xla_attention(q, k, v, mask):
     logits = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # (B, H, S, T)
-    return jnp.einsum("bhst,bthd->bshd", weights, v)
+    weights = jax.nn.softmax(logits, axis=-1)  # (B, H, S, T)
+    if mask is not None:  # a query that may attend to no key gets 0, as in the Pallas kernel
+        weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+    return jnp.einsum("bhst,bthd->bshd", weights.astype(v.dtype), v)
 
 
 class MultiHeadAttention(nn.Module):
