@@ -6,7 +6,7 @@ BASE := $(VENV)/.installed-base
 FULL := $(VENV)/.installed-test
 DEMO_DIR ?= runs/digits
 
-.PHONY: demo test lint bench-samplers clean
+.PHONY: demo test lint bench-samplers bench-kernels clean
 
 $(BASE): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ lint: $(FULL)
 # Sampler accuracy on a Gaussian mixture (writes benchmarks/out/samplers_gmm.{md,png,json}).
 bench-samplers: $(FULL)
 	$(BIN)/python benchmarks/samplers_gmm.py
+
+# Attention and solver-step kernels (benchmarks/out/kernels.json); add --quick for a CPU smoke run.
+bench-kernels: $(FULL)
+	$(BIN)/python benchmarks/kernels.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
