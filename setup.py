@@ -23,10 +23,12 @@ setup(
         "diffrax>=0.7.0",
         "scikit-learn>=1.3",
         "pillow>=10.0",
+        "matplotlib>=3.8",  # eval sweep / plot figures
     ],
+    package_data={"jaxdiff.eval": ["digits_features.npz"]},
     entry_points={"console_scripts": ["jaxdiff=jaxdiff.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.9",
+        "test": ["pytest>=8", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9",
                  "ipykernel>=6.0", "tensorboard>=2.15"],
         # PyTorch reference implementations for parity tests and baselines. torch==2.13.0 is the
         # CPU build available on the project machines; any other spec pulls CUDA packages.

@@ -12,6 +12,7 @@ the same on one CPU, one GPU, a pod slice or several processes (`jax.distributed
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -147,13 +148,21 @@ def shard_batch(local_batch, mesh):
     return jax.tree.map(put, local_batch)
 
 
+@contextlib.contextmanager
+def tracing_on(mesh, rules=LOGICAL_RULES):
+    """Traces under `mesh` (abstractly) and the logical-axis `rules`: the models' activation
+    constraints apply and the Pallas attention kernel runs per shard (`jax.shard_map`)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        yield
+
+
 def jit_train_step(train_step, shardings, mesh, rules=LOGICAL_RULES):
     """`train_step(state, batch)` jitted with explicit shardings: the state in and out in
     `shardings` (donated), the batch split over data×fsdp, metrics replicated. The step is
     traced with `rules` and the mesh active, so the models' activation constraints apply."""
 
     def step(state, batch):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        with tracing_on(mesh, rules):
             return train_step(state, batch)
 
     return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),

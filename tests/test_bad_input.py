@@ -39,8 +39,9 @@ WIRED = pytest.mark.skipif(not _loop_checked(), reason="train() does not call fa
 
 # (args, extra environment, expected text; it contains the offending value); W = a workdir
 CLI = [
-    pytest.param([], {}, "expected a command, one of train, sample; got nothing", id="no-command"),
-    pytest.param(["fit", CFG], {}, "expected a command, one of train, sample; got 'fit'",
+    pytest.param([], {}, "expected a command, one of train, sample, eval, plot; got nothing",
+                 id="no-command"),
+    pytest.param(["fit", CFG], {}, "expected a command, one of train, sample, eval, plot; got 'fit'",
                  id="unknown-command"),
     pytest.param(["train", CFG, "W", "--nosuchflag=1"], {},
                  "Unknown command line flag 'nosuchflag'", id="unknown-flag"),

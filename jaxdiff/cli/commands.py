@@ -25,20 +25,20 @@ def train(config, workdir):
     mesh's data×fsdp devices."""
     t_start = time.time()
     os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    write_json(os.path.join(workdir, "config.json"), config.to_dict())
     model, process, info = build.model(config), build.process(config), build.data_info(config)
     mesh = build.mesh(config)
     data = build.dataset(config, config.train.seed)  # checks the batch against the processes
     parallel.check_batch(config.data.batch_size, mesh)
     tx, lr_fn = build.optimizer(config)
     c = config.train
-    state = train_lib.init_state(model, tx, x_shape=info["shape"], num_classes=_classes(config),
+    state = train_lib.init_state(model, tx, x_shape=info["shape"], num_classes=classes(config),
                                  seed=c.seed, ema_decays=tuple(config.optim.ema_decays),
                                  mesh=mesh)
     step = train_lib.make_train_step(model, tx, lr_fn, process=process,
                                      prediction=config.loss.prediction,
                                      ema_decays=tuple(config.optim.ema_decays),
-                                     num_classes=_classes(config), p_uncond=config.loss.p_uncond,
+                                     num_classes=classes(config), p_uncond=config.loss.p_uncond,
                                      loss_options=build.loss_options(config))
     if c.get("skip_nonfinite", False):
         step = faults.with_skip_nonfinite(step)
@@ -46,7 +46,7 @@ def train(config, workdir):
     def sample_fn(state, step):
         x, labels = draw(config, model, process, state.ema_params[0], num=c.num_samples, seed=0)
         _save_samples(os.path.join(workdir, "samples", f"step_{step:07d}.png"), x,
-                      cols=_classes(config) or None)
+                      cols=classes(config) or None)
         if step == c.steps:
             _report(config, workdir, x, labels, step, t_start)
 
@@ -74,15 +74,17 @@ def draw(config, model, process, params, *, num, seed, sampler=None, steps=None,
                                       build.data_info(config)["shape"], mesh)
     net = train_lib.network(model, jax.device_put(params, parallel.replicated(mesh)))
     labels, guide = _labels(config, padded, label, guidance, mesh)
-    x = jaxdiff.sample(net, noise, process=process, prediction=config.loss.prediction,
-                       sampler=sampler or s.name, steps=steps or s.steps, schedule=s.schedule,
-                       key=jax.random.key(seed + 1), guidance=guide, **dict(s.options))
+    with parallel.tracing_on(mesh):
+        x = jaxdiff.sample(net, noise, process=process, prediction=config.loss.prediction,
+                           sampler=sampler or s.name, steps=steps or s.steps,
+                           schedule=s.schedule, key=jax.random.key(seed + 1), guidance=guide,
+                           **dict(s.options))
     return parallel.gather(x)[:num], None if labels is None else labels[:num]
 
 
 def _labels(config, num, label, guidance, mesh):
     """(host labels, CFG guidance split over `mesh`), or (None, None) for unconditional models."""
-    K = _classes(config)
+    K = classes(config)
     if not K:
         return None, None
     if label is not None and not 0 <= label < K:
@@ -94,29 +96,36 @@ def _labels(config, num, label, guidance, mesh):
     return labels, guide
 
 
-def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=None,
-           guidance=None):
-    """Loads the EMA params of the latest checkpoint and writes `out` (PNG) and `.npz`;
-    sampling is data-parallel over every device (see `draw`)."""
+def restore(config, workdir, mesh):
+    """(model, process, EMA params, step) of the latest checkpoint in `workdir`, restored
+    straight into the layout of `mesh`."""
     model, process = build.model(config), build.process(config)
     tx, _ = build.optimizer(config)
     ckpt = Checkpointer(workdir)
     if ckpt.latest_step() is None:
         raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first with "
                               f"jaxdiff train --config ... --workdir {workdir}")
-    mesh = parallel.make_mesh()  # restored straight into the sampling layout
     template = train_lib.abstract_state(
-        model, tx, x_shape=build.data_info(config)["shape"], num_classes=_classes(config),
+        model, tx, x_shape=build.data_info(config)["shape"], num_classes=classes(config),
         ema_decays=tuple(config.optim.ema_decays), mesh=mesh)
     state, _ = ckpt.restore(template, build.description(config))
     ckpt.close()
-    x, labels = draw(config, model, process, state.ema_params[0], num=num, seed=seed,
+    return model, process, state.ema_params[0], int(state.step)
+
+
+def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=None,
+           guidance=None):
+    """Loads the EMA params of the latest checkpoint and writes `out` (PNG) and `.npz`;
+    sampling is data-parallel over every device (see `draw`)."""
+    mesh = parallel.make_mesh()
+    model, process, params, step = restore(config, workdir, mesh)
+    x, labels = draw(config, model, process, params, num=num, seed=seed,
                      sampler=sampler, steps=steps, label=label, guidance=guidance, mesh=mesh)
     _save_samples(out, x)
     if jax.process_index() == 0:
         np.savez(os.path.splitext(out)[0] + ".npz", samples=x,
                  labels=np.zeros(0) if labels is None else labels)
-        print(f"wrote {out} ({num} samples, step {int(state.step)})")
+        print(f"wrote {out} ({num} samples, step {step})")
 
 
 def _save_samples(path, x, cols=None):
@@ -128,7 +137,7 @@ def _save_samples(path, x, cols=None):
         images.save_grid(path, x, cols=cols, scale=4)
 
 
-def _classes(config):
+def classes(config):
     return int(config.model.get("num_classes", 0) or 0)
 
 
@@ -142,14 +151,15 @@ def _report(config, workdir, x, labels, step, t_start):
 
         acc, per_class = digits.agreement(x, labels)
         report.update(classifier_agreement=acc, per_class=per_class)
-    _write_json(os.path.join(workdir, "report.json"), report)
+    write_json(os.path.join(workdir, "report.json"), report)
     if jax.process_index() == 0:
         print("report: " + json.dumps(report))
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
     if jax.process_index() != 0:
         return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)

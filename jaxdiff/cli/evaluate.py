@@ -1,0 +1,176 @@
+"""`jaxdiff eval`, `jaxdiff eval sweep` and `jaxdiff plot`: a run's config and checkpoint in,
+library calls (`jaxdiff.eval`), JSON / markdown / PNG out."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from jaxdiff import parallel
+from jaxdiff import train as train_lib
+from jaxdiff.cli import build, commands
+from jaxdiff.eval import plots, quality
+
+NLL_BATCH = 100  # test examples per likelihood ODE solve
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run loaded for evaluation, and the real split it is compared with."""
+
+    config: ConfigDict
+    workdir: str
+    model: object
+    process: object
+    params: object
+    step: int
+    mesh: object
+    split: str
+
+
+def load(config, workdir, *, split):
+    """The latest EMA params of `workdir`, restored over all devices."""
+    mesh = parallel.make_mesh()
+    model, process, params, step = commands.restore(config, workdir, mesh)
+    return Run(config, workdir, model, process, params, step, mesh, split)
+
+
+def reference(run, featurize, *, features, num):
+    """(featurize, real features of the reference split, facts about them); `fd_real_floor` is
+    the FD of `num` real training images to the reference, what a perfect model would score."""
+    d = run.config.data
+    real, _ = quality.real_data(d.name, run.split, data_dir=d.data_dir)
+    real_feats = featurize(real)
+    train_x, _ = quality.real_data(d.name, "train", num=num, data_dir=d.data_dir)
+    floor = quality.sample_quality(train_x, real_feats, featurize, metrics=("fd",))["fd"]
+    return featurize, real_feats, {"split": run.split, "num_real": len(real_feats),
+                                   "fd_real_floor": floor, "features": features}
+
+
+def _sampler_config(config, sampler):
+    """The config with `sampler` as its sampler; the config's sampler options apply only to the
+    sampler they were written for."""
+    cfg = ConfigDict(config.to_dict())
+    if sampler != cfg.sampler.name:
+        cfg.sampler.name, cfg.sampler.options = sampler, {}
+    return cfg
+
+
+def quality_of(run, ref, *, metrics, sampler, steps, num, seed, guidance):
+    """{sampler, steps, nfe, fd, precision, recall, [classifier_agreement], sample_s} of `num`
+    samples drawn with `sampler` over `steps` steps."""
+    featurize, real_feats, _ = ref
+    cfg = _sampler_config(run.config, sampler)
+    t0 = time.time()
+    x, labels = commands.draw(cfg, run.model, run.process, run.params, num=num, seed=seed,
+                              steps=steps, guidance=guidance, mesh=run.mesh)
+    row = {"sampler": sampler, "steps": steps, "sample_s": round(time.time() - t0, 2)}
+    row["nfe"] = quality.count_nfe(run.process, cfg.loss.prediction, sampler=sampler,
+                                   steps=steps, shape=build.data_info(cfg)["shape"],
+                                   schedule=cfg.sampler.schedule, options=cfg.sampler.options)
+    row.update(quality.sample_quality(x, real_feats, featurize, metrics=metrics))
+    if ref[2]["features"] == "digits" and labels is not None:
+        from jaxdiff.eval import digits
+
+        row["classifier_agreement"] = digits.agreement(x, labels)[0]
+    return row
+
+
+def nll_of(run, *, num, seed, divergence):
+    """{bpd, bpd_std_err, nll_examples, ...} on the first `num` examples of the split; a
+    class-conditional model is evaluated unconditionally (the null class)."""
+    d, t0 = run.config.data, time.time()
+    x, _ = quality.real_data(d.name, run.split, num=num, data_dir=d.data_dir)
+    net = train_lib.network(run.model, run.params)
+    K = commands.classes(run.config)
+    args = (np.full(len(x), K, np.int32),) if K else ()
+    bpd = quality.bits_per_dim(net, run.process, run.config.loss.prediction, x,
+                               key=jax.random.key(seed), args=args, quantized=x.ndim == 4,
+                               divergence=divergence, batch=min(NLL_BATCH, len(x)))
+    return {"bpd": float(np.mean(bpd)), "bpd_std_err": float(np.std(bpd) / np.sqrt(len(bpd))),
+            "nll_examples": len(bpd),
+            "divergence": quality.resolve_divergence(divergence, x.shape[1:]),
+            "nll_s": round(time.time() - t0, 2)}
+
+
+def evaluate(config, workdir, *, metrics, sampler, steps, num, seed, guidance, features,
+             inception_weights, split, divergence, out):
+    """Writes the JSON report `out` of `metrics` for one sampler setting; returns it."""
+    quality_metrics = {"fd", "pr"} & set(metrics)
+    if quality_metrics:  # a missing weights file shows before the checkpoint is read
+        featurize = quality.feature_fn(features, inception_weights=inception_weights)
+    run = load(config, workdir, split=split)
+    report = {"workdir": workdir, "step": run.step, "dataset": config.data.name}
+    sampler, steps = sampler or config.sampler.name, steps or config.sampler.steps
+    if quality_metrics:
+        ref = reference(run, featurize, features=features, num=num)
+        report.update(ref[2], num_samples=num, seed=seed, schedule=config.sampler.schedule,
+                      guidance=config.sampler.guidance if guidance is None else guidance)
+        report.update(quality_of(run, ref, metrics=metrics, sampler=sampler, steps=steps,
+                                 num=num, seed=seed, guidance=guidance))
+    if "nll" in metrics:
+        report.update(split=split, **nll_of(run, num=num, seed=seed, divergence=divergence))
+    commands.write_json(out, report)
+    _say(f"wrote {out}: " + json.dumps(report))
+    return report
+
+
+def sweep(config, workdir, *, metrics, samplers, steps_list, num, seed, guidance, features,
+          inception_weights, split, out):
+    """Quality of every sampler at every step count: `out`.json (rows), `out`.md (table of
+    FD and NFE), `out`.png (FD vs NFE); returns the rows."""
+    adaptive = [s for s in samplers if s in quality.ADAPTIVE]
+    if adaptive:
+        raise ValueError(f"--samplers: {adaptive[0]!r} is adaptive (its NFE depends on the "
+                         "model, not on --steps); the sweep takes fixed-step samplers")
+    featurize = quality.feature_fn(features, inception_weights=inception_weights)
+    run = load(config, workdir, split=split)
+    ref = reference(run, featurize, features=features, num=num)
+    rows = []
+    for sampler in samplers:
+        for steps in steps_list:
+            rows.append(quality_of(run, ref, metrics=metrics, sampler=sampler, steps=steps,
+                                   num=num, seed=seed, guidance=guidance))
+            _say(json.dumps(rows[-1]))
+    head = dict(workdir=workdir, step=run.step, dataset=config.data.name, num_samples=num,
+                seed=seed, schedule=config.sampler.schedule,
+                guidance=config.sampler.guidance if guidance is None else guidance, **ref[2])
+    _write_sweep(out, head, rows, "fd" if "fd" in metrics else "precision")
+    return rows
+
+
+def _write_sweep(out, head, rows, metric):
+    commands.write_json(out + ".json", dict(head, rows=rows))
+    if jax.process_index() != 0:
+        return
+    text = plots.sweep_markdown(rows, metric=metric)
+    text += (f"\n{head['num_samples']} samples per cell against {head['num_real']} real "
+             f"{head['split']} images ({head['features']} features); real-data floor "
+             f"FD = {head['fd_real_floor']:.3g}; checkpoint step {head['step']}, "
+             f"schedule {head['schedule']}, guidance {head['guidance']}.\n")
+    with open(out + ".md", "w") as f:
+        f.write(text)
+    name = plots.METRIC_NAMES[metric]
+    plots.plot_sweep(rows, out + ".png", metric=metric,
+                     floor=head["fd_real_floor"] if metric == "fd" else None,
+                     title=f"{head['dataset']}: {name} vs NFE (step {head['step']}, "
+                           f"guidance {head['guidance']})")
+    print(text + f"wrote {out}.md, {out}.png, {out}.json")
+
+
+def plot(workdir, *, out):
+    """Training curves of `workdir` (its metrics.jsonl) as a PNG."""
+    rows = plots.read_metrics_log(os.path.join(workdir, "metrics.jsonl"))
+    plots.plot_training(rows, out, title=workdir)
+    print(f"wrote {out} ({len(rows)} logged steps, last {rows[-1]['step']})")
+
+
+def _say(text):
+    if jax.process_index() == 0:
+        print(text)

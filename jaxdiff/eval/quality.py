@@ -1,0 +1,156 @@
+"""Sample quality and likelihood of a trained model, from explicit arguments (no configs).
+
+- FD: Frechet distance between Gaussians fitted to features of samples and of real data
+  (Heusel et al. 2017, Sec. 3), FD_digits with the built-in digits network
+  (`jaxdiff.eval.digits`) or FID with Inception-v3 pool3 features (`jaxdiff.eval.inception`).
+- PR: improved precision and recall, k-NN manifolds in the same features (Kynkaanniemi et al.
+  2019, Sec. 2).
+- NLL: bits/dim through the probability-flow ODE (Song et al. 2021, Sec. 4.3 and App. D.2;
+  `jaxdiff.likelihood`), with uniform dequantization of 8-bit pixels as score_sde does.
+- NFE: model evaluations of a sampler, counted at run time (`count_nfe`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxdiff
+from jaxdiff import images as images_lib
+from jaxdiff import likelihood
+from jaxdiff.eval import metrics as metrics_lib
+
+FEATURES = ("digits", "inception", "raw")
+DIVERGENCES = ("auto", "exact", "hutchinson")
+EXACT_MAX_DIM = 16  # "auto" takes the exact trace up to this many data dimensions
+ADAPTIVE = ("ode",)  # samplers whose NFE depends on the model (not a function of the steps)
+PIXEL_BIN = 2.0 / 255.0  # width of one 8-bit level in [-1, 1] (data pipeline: k / 127.5 - 1)
+
+
+def feature_fn(kind, *, inception_weights=None):
+    """data (N, ...) in [-1, 1] -> (N, D) features: the built-in digits network, the FID
+    Inception-v3 (pool3, 2048 values) loaded from `inception_weights`, or the raw data
+    flattened (for low-dimensional data such as the 2-D toy sets)."""
+    if kind == "raw":
+        return lambda x: np.asarray(x, np.float32).reshape(len(x), -1)
+    if kind == "digits":
+        from jaxdiff.eval import digits
+
+        return digits.features
+    if kind != "inception":
+        raise ValueError(f"--features={kind!r} is unknown; allowed: {', '.join(FEATURES)}")
+    if not inception_weights:
+        raise ValueError("--features=inception needs --inception_weights=<.pth or .npz file> "
+                         "(pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)")
+    from jaxdiff.eval import inception
+
+    params = inception.load_fid_weights(inception_weights)
+    return lambda x: inception.fid_features(params, images_lib.to_uint8(x))
+
+
+def real_data(name, split, *, num=None, data_dir=None):
+    """The first `num` (default all) examples of a dataset split, in file order, as numpy
+    (x in [-1, 1], labels) from the training pipeline (`jaxdiff.data.build`)."""
+    from jaxdiff import data as data_lib
+
+    it = data_lib.build(name, split, batch_size=1, shuffle=False, num_epochs=1,
+                        data_dir=data_dir, num_threads=1, prefetch=64)
+    rows = list(itertools.islice(it, num))
+    if not rows:
+        raise ValueError(f"split {split!r} of {name!r} is empty")
+    return (np.concatenate([r["x"] for r in rows]), np.concatenate([r["label"] for r in rows]))
+
+
+def sample_quality(fake, real_feats, featurize, *, metrics, k=3):
+    """{fd, precision, recall} (those asked for in `metrics`) of samples `fake` against
+    precomputed real features."""
+    fake_feats = featurize(fake)
+    out = {}
+    if "fd" in metrics:
+        out["fd"] = metrics_lib.frechet_distance(fake_feats, real_feats)
+    if "pr" in metrics:
+        out["precision"], out["recall"] = metrics_lib.precision_recall(real_feats, fake_feats,
+                                                                       k=k)
+    return out
+
+
+_calls = []  # run-time model calls of `_stand_in`, appended by its host callback
+
+
+def _stand_in(x, t):
+    """A network that outputs zeros and counts its executed calls (one module-level function, so
+    one compiled sampling program per sampler serves every step count)."""
+    jax.debug.callback(lambda: _calls.append(1))
+    return jnp.zeros_like(x)
+
+
+def count_nfe(process, prediction, *, sampler, steps, shape, schedule=None, options=None):
+    """Model evaluations `jaxdiff.sample` makes with `sampler` over `steps` steps, counted at run
+    time on a stand-in network (one sample of `shape`); None for adaptive samplers."""
+    if sampler in ADAPTIVE:
+        return None
+    _calls.clear()
+    x = jaxdiff.sample(_stand_in, jnp.zeros((1, *shape), jnp.float32), process=process,
+                       prediction=prediction, sampler=sampler, steps=steps, schedule=schedule,
+                       key=jax.random.key(0), **dict(options or {}))
+    jax.block_until_ready(x)
+    jax.effects_barrier()
+    return len(_calls)
+
+
+def bits_per_dim(model_fn, process, prediction, x, *, key, args=(), quantized=True,
+                 divergence="auto", batch=100, rtol=1e-5, atol=1e-5):
+    """Per-example bits/dim of data `x` under the model (`jaxdiff.likelihood.bits_per_dim`),
+    `batch` examples per ODE solve; `args` (e.g. null class labels, one per example) go to the
+    network.
+
+    quantized: x holds 8-bit pixels k / 127.5 - 1; they are dequantized with uniform noise over
+    their bin [x, x + 2/255), and bits/dim bound the discrete likelihood (Theis et al. 2016).
+    divergence: "exact", "hutchinson" (one Rademacher probe), or "auto" (exact up to
+    EXACT_MAX_DIM data dimensions)."""
+    divergence = resolve_divergence(divergence, x.shape[1:])
+    solve = _bpd_solver(process, prediction, divergence, quantized, rtol, atol)
+    if not isinstance(model_fn, jax.tree_util.Partial):  # params (if any) as data to the jit
+        model_fn = jax.tree_util.Partial(model_fn)
+    x = np.asarray(x, np.float32)
+    out = []
+    for i in range(0, len(x), batch):
+        n = min(batch, len(x) - i)
+        xb, ab = _pad_rows(x[i:i + n], batch), [_pad_rows(np.asarray(a)[i:i + n], batch)
+                                                for a in args]
+        out.append(np.asarray(solve(model_fn, xb, ab, jax.random.fold_in(key, i)))[:n])
+    return np.concatenate(out)
+
+
+def resolve_divergence(divergence, shape):
+    """"auto" -> "exact" for data of `shape` with at most EXACT_MAX_DIM values, else
+    "hutchinson"; the other choices as they are."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"--divergence={divergence!r} is unknown; allowed: "
+                         f"{', '.join(DIVERGENCES)}")
+    if divergence != "auto":
+        return divergence
+    return "exact" if math.prod(shape) <= EXACT_MAX_DIM else "hutchinson"
+
+
+def _bpd_solver(process, prediction, divergence, quantized, rtol, atol):
+    """One jitted bits/dim solve of a batch (x, args) with fixed settings."""
+    sigma_min, sigma_max = float(process.sigma_min), float(process.sigma_max)
+
+    def solve(model_fn, x, args, key):
+        D = jaxdiff.denoiser(model_fn, process, prediction)
+        return likelihood.bits_per_dim(
+            lambda y, s: D(y, s, *args), x, sigma_min=sigma_min, sigma_max=sigma_max, key=key,
+            data_scale=PIXEL_BIN if quantized else 1.0, dequantize=quantized,
+            divergence=divergence, rtol=rtol, atol=atol)
+
+    return jax.jit(solve)
+
+
+def _pad_rows(a, n):
+    """`a` with its last row repeated up to `n` rows (a fixed batch shape for one program)."""
+    return a if len(a) == n else np.concatenate([a, np.repeat(a[-1:], n - len(a), axis=0)])

@@ -1,0 +1,199 @@
+"""`jaxdiff eval`, `jaxdiff eval sweep`, `jaxdiff plot` and the built-in digits feature network."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff import analytic, likelihood
+from jaxdiff.denoiser import denoiser, model_from_denoiser
+from jaxdiff.eval import digits, metrics, quality, train_digits
+from jaxdiff.process import EDM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [  # tests/test_train.py's small digits run, 2 steps
+    "--config=configs/digits.py", "--config.model.channels=8", "--config.model.channel_mult=(1,)",
+    "--config.model.attn_resolutions=()", "--config.model.norm_groups=4",
+    "--config.data.batch_size=16", "--config.optim.warmup_steps=1", "--config.train.log_every=1",
+    "--config.train.sample_every=0", "--config.train.num_samples=10", "--config.sampler.steps=4",
+    "--config.train.steps=2", "--config.train.ckpt_every=2",
+]
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "jaxdiff.cli", *args], cwd=ROOT, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("evalcli") / "run"
+    out = _cli("train", *TINY, f"--workdir={workdir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return workdir
+
+
+def test_eval_writes_fd_pr_nll_report(run, tmp_path):
+    path = tmp_path / "report.json"
+    out = _cli("eval", f"--workdir={run}", "--metrics=fd,pr,nll", "--sampler=heun", "--steps=3",
+               "--num=20", "--divergence=hutchinson", f"--out={path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.load(open(path))
+    assert (r["step"], r["sampler"], r["steps"], r["num_samples"]) == (2, "heun", 3, 20)
+    assert r["nfe"] == 5  # heun: 2 per step, 1 for the last step to sigma = 0
+    assert r["features"] == "digits" and r["split"] == "test" and r["num_real"] == 200
+    # a 2-step model makes blobs: further from the test digits than 20 real training digits are
+    assert r["fd"] > r["fd_real_floor"] > 0  # measured 45.9 and 24.1
+    assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["precision"] < 0.5
+    assert 0 <= r["classifier_agreement"] <= 1
+    # untrained model on 8-bit data: bits/dim positive, finite, below 8-bit noise + a margin
+    assert r["nll_examples"] == 20 and r["divergence"] == "hutchinson"
+    assert 0 < r["bpd"] < 30 and np.isfinite(r["bpd_std_err"])
+
+
+def test_sweep_writes_table_plot_and_counts_nfe(run, tmp_path):
+    prefix = tmp_path / "sweep"
+    out = _cli("eval", "sweep", f"--workdir={run}", "--samplers=ddim,heun", "--steps=1,3",
+               "--num=20", f"--out={prefix}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.load(open(f"{prefix}.json"))["rows"]
+    nfe = {(r["sampler"], r["steps"]): r["nfe"] for r in rows}
+    assert nfe == {("ddim", 1): 1, ("ddim", 3): 3, ("heun", 1): 1, ("heun", 3): 5}
+    assert all(r["fd"] > 0 and 0 <= r["precision"] <= 1 for r in rows)
+    table = open(f"{prefix}.md").read().splitlines()
+    assert table[0] == "| sampler | 1 steps | 3 steps |"
+    assert table[2].startswith("| ddim | ") and table[3].startswith("| heun | ")
+    assert table[3].endswith(" (5) |")
+    assert open(f"{prefix}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _main(*args):
+    """`jaxdiff <args>` in this process (fast: no interpreter start): (exit code, stderr lines
+    that start with 'jaxdiff'). Flags are reset before and after, as a fresh process has them."""
+    import contextlib
+    import io
+
+    from jaxdiff.cli import FLAGS, main
+
+    err = io.StringIO()
+    FLAGS.unparse_flags()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["jaxdiff", *args])
+    except SystemExit as e:
+        code = e.code
+    finally:
+        FLAGS.unparse_flags()
+    return code, [ln for ln in err.getvalue().splitlines() if ln.startswith("jaxdiff")]
+
+
+def test_plot_writes_training_curves(run, tmp_path):
+    png = tmp_path / "curves.png"
+    code, errors = _main("plot", f"--workdir={run}", f"--out={png}")
+    assert code == 0 and not errors, errors
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    from jaxdiff.eval import plots
+
+    rows = plots.read_metrics_log(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and "loss" in rows[0]
+
+
+BAD = [
+    (["eval", "W", "--metrics=fd,is"], "--metrics=fd,is: 'is' is not a valid name; allowed: "
+     "fd, pr, nll"),
+    (["eval", "W", "--metrics=fd,fd"], "--metrics=fd,fd: a name is repeated"),
+    (["eval", "W", "--steps=5,10"], "--steps=5,10 must be a positive integer"),
+    (["eval", "W", "--steps=0"], "--steps=0 must be a positive integer"),
+    (["eval", "sweep", "W", "--samplers=ddim", "--steps=5,x"],
+     "--steps=5,x must be a comma-separated list of positive integers"),
+    (["eval", "sweep", "W", "--samplers=ddim,,heun"], "--samplers=ddim,,heun: '' is not a valid"),
+    (["eval", "sweep", "W", "--steps=5"], "eval sweep needs --samplers=<a,b,...>"),
+    (["eval", "sweep", "W", "--samplers=ddim", "--metrics=nll"], "--metrics=nll does not depend"),
+    (["eval", "W", "--features=clip"], "--features=clip: 'clip' is not a valid name; allowed: "
+     "digits, inception, raw"),
+    (["eval", "W", "--num=0"], "--num=0 must be a positive number of samples"),
+    (["eval", "swep", "W"], "unexpected argument 'swep': eval takes flags only (its one "
+     "sub-command is sweep)"),
+    (["eval", "W", "--divergence=trace"], "--divergence=trace: 'trace' is not a valid name"),
+    (["eval"], "eval needs --workdir=<dir> of a trained run"),
+    (["plot", "W"], "no trained run in "),
+    # these read the trained run's config first
+    (["eval", "sweep", "R", "--samplers=ddim,nope"], "--samplers=ddim,nope: 'nope' is not a "
+     "valid name; allowed: "),
+    (["eval", "sweep", "R", "--samplers=heun,ode"], "--samplers: 'ode' is adaptive"),
+    (["eval", "R", "--sampler=fast"], "--sampler=fast: 'fast' is not a valid name; allowed: "),
+    (["eval", "R", "--metrics=fd", "--features=inception"], "--features=inception needs "
+     "--inception_weights"),
+]
+
+
+@pytest.mark.parametrize("args,msg", BAD)
+def test_bad_eval_input_is_one_line(run, tmp_path, args, msg):
+    where = {"W": f"--workdir={tmp_path / 'w'}", "R": f"--workdir={run}"}
+    code, errors = _main(*[where.get(a, a) for a in args])
+    assert code != 0 and len(errors) == 1 and msg in errors[0], errors
+    command = "eval sweep" if args[1:2] == ["sweep"] else args[0]
+    assert errors[0].startswith(f"jaxdiff {command}: error: ")
+
+
+def test_bad_input_from_the_shell_is_one_line(tmp_path):
+    out = _cli("eval", "sweep", f"--workdir={tmp_path}", "--samplers=ddim", "--steps=5,-1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip() == ("jaxdiff eval sweep: error: --steps=5,-1 must be a "
+                                  "comma-separated list of positive integers, e.g. 5,10,20,50")
+
+
+@pytest.fixture(scope="module")
+def split():
+    return train_digits.load_split()
+
+
+def test_feature_net_classifies_held_out_digits(split):
+    x, y = split["test"]
+    acc, per_class = digits.agreement(x, y)
+    assert acc >= 0.97  # measured 0.995 on the 200 held-out test digits
+    assert min(per_class.values()) >= 0.85 and len(per_class) == 10
+    assert digits.load()[1]["test_accuracy"] == pytest.approx(acc)
+    assert os.path.getsize(digits.WEIGHTS) < 1_000_000
+    # 16x16 digits are pooled to 8x8: a 2x nearest-neighbour upsampling reads the same
+    big = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+    np.testing.assert_allclose(digits.features(big), digits.features(x), atol=1e-5)
+    assert digits.features(x).shape == (200, 64) and digits.logits(x).shape == (200, 10)
+
+
+def test_fd_separates_real_from_noise(split):
+    test, train = digits.features(split["test"][0]), split["train"][0]
+    rng = np.random.default_rng(0)
+    fd_real = metrics.frechet_distance(test, digits.features(train[:1000]))  # train: 1597
+    fd_noise = metrics.frechet_distance(test, digits.features(rng.uniform(-1, 1, (1000, 8, 8, 1))))
+    x = train[:1000]
+    blurred = 0.5 * x + 0.25 * (np.roll(x, 1, axis=1) + np.roll(x, 1, axis=2))  # a smeared digit
+    fd_blur = metrics.frechet_distance(test, digits.features(blurred))
+    assert fd_real < 2.5 and fd_noise > 25  # measured 1.77 and 37.1
+    assert fd_real < fd_blur < fd_noise
+
+
+def test_bits_per_dim_batches_match_closed_form():
+    """N(0, s^2 I) data with its exact denoiser: the model density at sigma_min is
+    N(0, (s^2 + sigma_min^2) I) (`jaxdiff.likelihood`); batching with a padded last batch and the
+    exact divergence ("auto" in 2-D) reproduce it per example."""
+    s, process = 0.7, EDM(t_min=0.01, t_max=20.0)
+    net = model_from_denoiser(analytic.gaussian_denoiser(0.0, s), process, "edm")
+    x = np.random.default_rng(0).normal(0, s, (7, 2)).astype(np.float32)
+    bpd = quality.bits_per_dim(net, process, "edm", x, key=jax.random.key(0), quantized=False,
+                               divergence="auto", batch=3)
+    assert quality.resolve_divergence("auto", (2,)) == "exact"
+    assert quality.resolve_divergence("auto", (8, 8, 1)) == "hutchinson"
+    D = denoiser(net, process, "edm")
+    whole = likelihood.bits_per_dim(D, jnp.asarray(x), sigma_min=0.01, sigma_max=20.0,
+                                    divergence="exact")
+    np.testing.assert_allclose(bpd, whole, atol=1e-4)  # adaptive steps differ per batch
+    logp = analytic.gaussian_log_density(jnp.asarray(x), 0.01, 0.0, s)  # the prior's error:
+    np.testing.assert_allclose(bpd, -np.asarray(logp) / (2 * np.log(2)), atol=3e-3)  # 1.6e-3
+    assert quality.count_nfe(process, "edm", sampler="dpmpp_3m", steps=7, shape=(2,)) == 7
+    assert quality.count_nfe(process, "edm", sampler="ode", steps=7, shape=(2,)) is None
