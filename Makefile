@@ -6,7 +6,7 @@ BASE := $(VENV)/.installed-base
 FULL := $(VENV)/.installed-test
 DEMO_DIR ?= runs/digits
 
-.PHONY: demo test lint bench-samplers bench-kernels clean
+.PHONY: demo test lint bench bench-samplers bench-kernels clean
 
 $(BASE): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test: $(FULL)
 
 lint: $(FULL)
 	$(BIN)/ruff check jaxdiff tests benchmarks configs
+
+# jaxdiff vs PyTorch/diffusers: train throughput, sampling overhead, compile time
+# (benchmarks/out/{train_throughput,sampling_overhead,compile_time}.json). About 20 min on 2 cores.
+bench: $(FULL)
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/sampling_overhead.py
+	$(BIN)/python benchmarks/compile_time.py
 
 # Sampler accuracy on a Gaussian mixture (writes benchmarks/out/samplers_gmm.{md,png,json}).
 bench-samplers: $(FULL)

@@ -29,8 +29,8 @@ import argparse
 import json
 import os
 import statistics
-import time
 
+import _timing
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,19 +47,10 @@ IMPLS = ("xla", "pallas", "cudnn")
 PAUSE_S = 0.02
 
 
-def interleaved(contenders, repeats, warmup=2):
+def interleaved(contenders, repeats):
     """Median seconds of each zero-argument callable (which blocks until done), the contenders
-    timed alternately: A, B, C, A, B, C, ..."""
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            time.sleep(PAUSE_S)
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    timed alternately (`_timing.interleaved`)."""
+    times = _timing.interleaved(contenders, repeats=repeats, warmup=2, pause=PAUSE_S)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
