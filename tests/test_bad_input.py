@@ -41,7 +41,8 @@ WIRED = pytest.mark.skipif(not _loop_checked(), reason="train() does not call fa
 CLI = [
     pytest.param([], {}, "expected a command, one of train, sample, eval, plot; got nothing",
                  id="no-command"),
-    pytest.param(["fit", CFG], {}, "expected a command, one of train, sample, eval, plot; got 'fit'",
+    pytest.param(["fit", CFG], {},
+                 "expected a command, one of train, sample, eval, plot; got 'fit'",
                  id="unknown-command"),
     pytest.param(["train", CFG, "W", "--nosuchflag=1"], {},
                  "Unknown command line flag 'nosuchflag'", id="unknown-flag"),

@@ -107,7 +107,7 @@ _MODELS = {}
 
 def _model(abar):
     """One toy network object per alphas_cumprod, so that `jaxdiff.sample` reuses its program."""
-    from diffusers_ref import eps_jax
+    from tests.diffusers_ref import eps_jax
 
     key = abar.tobytes()
     if key not in _MODELS:
@@ -117,7 +117,7 @@ def _model(abar):
 
 def _parity(scheduler, sampler, steps, options, lms=False):
     """Max relative difference of the final samples of diffusers' loop and `jaxdiff.sample`."""
-    from diffusers_ref import diffusers_loop
+    from tests.diffusers_ref import diffusers_loop
 
     ref, ts = diffusers_loop(scheduler, NOISE, steps)
     abar = scheduler.alphas_cumprod.double().numpy()

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from diffusers_ref import diffusers_loop, eps_jax
 
 import jaxdiff
 from jaxdiff import analytic, schedules
 from jaxdiff.process import EDM, DiscreteVP
 from jaxdiff.samplers import SAMPLERS
+from tests.diffusers_ref import diffusers_loop, eps_jax
 
 MU, STD = 0.3, 0.6
 FIXED = ["ddim", "euler", "heun", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s",
