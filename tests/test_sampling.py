@@ -55,6 +55,25 @@ def test_no_recompile_for_steps_schedule_and_model_params():
     assert not np.allclose(outs[0], outs[1])  # the knobs did change the result
 
 
+def test_named_schedule_grids_are_computed_once(monkeypatch):
+    calls = []
+    karras = schedules.SCHEDULES["karras"]
+    monkeypatch.setitem(schedules.SCHEDULES, "karras",
+                        lambda *a, **k: calls.append(a[1]) or karras(*a, **k))
+    monkeypatch.setattr(sampling, "_GRIDS", type(sampling._GRIDS)())
+    model, noise = _model(EDM(), "edm"), jnp.ones((2, 3))
+    run = lambda process, steps: jaxdiff.sample(  # noqa: E731
+        model, noise, process=process, prediction="edm", sampler="ddim", steps=steps,
+        schedule="karras")
+    first, again = run(EDM(), 7), run(EDM(), 7)
+    np.testing.assert_array_equal(first, again)
+    assert calls == [7]  # the second call reused the grid
+    run(EDM(t_max=40.0), 7)  # another process (by value) or step count: computed anew
+    run(EDM(), 8)
+    assert calls == [7, 7, 8]
+    assert len(sampling._GRIDS) == 3
+
+
 def test_explicit_grid_and_capacity():
     p = EDM()
     noise = jax.random.normal(jax.random.key(0), (2, 3))
