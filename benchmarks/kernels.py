@@ -195,27 +195,19 @@ def _fmt(value, spec):
 
 
 def attention_table(rows):
-    lines = ["| S | D | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | note |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['S']} | {r['D']} | {r['impl']} | {_fmt(r.get('fwd_ms'), '.3f')} | "
-            f"{_fmt(r.get('fwd_tflops'), '.3f')} | {_fmt(r.get('fwdbwd_ms'), '.3f')} | "
-            f"{_fmt(r.get('fwdbwd_tflops'), '.3f')} | {r['note'] or ''} |"
-        )
-    return "\n".join(lines)
+    return _timing.table(
+        ["S", "D", "impl", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s", "note"],
+        [[r["S"], r["D"], r["impl"], _fmt(r.get("fwd_ms"), ".3f"),
+          _fmt(r.get("fwd_tflops"), ".3f"), _fmt(r.get("fwdbwd_ms"), ".3f"),
+          _fmt(r.get("fwdbwd_tflops"), ".3f"), r["note"] or ""] for r in rows])
 
 
 def solver_table(rows):
-    lines = ["| n | dtype | k | impl | ms | GB/s | of copy BW | note |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['n']} | {r['dtype']} | {r['k']} | {r['impl']} | {_fmt(r.get('ms'), '.4f')} | "
-            f"{_fmt(r.get('gbs'), '.1f')} | {_fmt(r.get('frac_copy'), '.2f')} | "
-            f"{r['note'] or ''} |"
-        )
-    return "\n".join(lines)
+    return _timing.table(
+        ["n", "dtype", "k", "impl", "ms", "GB/s", "of copy BW", "note"],
+        [[r["n"], r["dtype"], r["k"], r["impl"], _fmt(r.get("ms"), ".4f"),
+          _fmt(r.get("gbs"), ".1f"), _fmt(r.get("frac_copy"), ".2f"), r["note"] or ""]
+         for r in rows])
 
 
 def targets(att_rows, solver_rows):

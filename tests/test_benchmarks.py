@@ -119,3 +119,12 @@ def test_bad_models_option(monkeypatch, capsys):
         train_throughput.main()
     assert e.value.code == 2
     assert "--models 'vit' is unknown; allowed: dit, unet" in capsys.readouterr().err
+
+
+def test_kernels_benchmark_quick(tmp_path):
+    """benchmarks/kernels.py, the GPU benchmark of issue 5, runs as a CPU smoke test."""
+    out, res = _run("kernels", tmp_path, "--repeats", "1")
+    assert "| S | D | impl |" in out and "| n | dtype | k | impl |" in out
+    pallas = [r for r in res["attention"] if r["impl"] == "pallas"]
+    assert pallas and all(r["fwdbwd_ms"] > 0 for r in pallas)
+    assert {r["impl"] for r in res["solver_step"]} >= {"jnp", "pallas"}
