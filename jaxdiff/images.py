@@ -46,7 +46,15 @@ def save_grid(path, x, cols=None, scale=1):
 
 
 def _save(path, image):
+    write_atomically(path, image.save)
+
+
+def write_atomically(path, write):
+    """Calls `write(tmp)` on a temporary name beside `path` (same extension, so writers that
+    infer the format from it still do), then renames it to `path`: a crash or kill never leaves
+    a half-written file under the final name, nor destroys the previous one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    image.save(tmp)
-    os.replace(tmp, path)  # never leave a half-written PNG under the final name
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
+    write(tmp)
+    os.replace(tmp, path)

@@ -398,3 +398,20 @@ def test_out_of_memory_is_one_line_with_knobs(env, tmp_path):
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith("jaxdiff train: error: out of memory on ")
     assert "a smaller --config.data.batch_size [now 16]" in line and "mesh.fsdp=N" in line
+
+
+def test_output_files_are_replaced_whole_or_not_at_all(tmp_path):
+    from jaxdiff import images
+
+    path = str(tmp_path / "out" / "report.json")
+    images.write_atomically(path, lambda tmp: open(tmp, "w").write("old"))
+
+    def crash(tmp):  # dies half-way through writing the new version
+        open(tmp, "w").write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        images.write_atomically(path, crash)
+    assert open(path).read() == "old"  # the previous file is intact
+    images.write_atomically(path, lambda tmp: open(tmp, "w").write("new"))
+    assert open(path).read() == "new"

@@ -159,8 +159,9 @@ def _report(config, workdir, x, labels, step, t_start):
 def write_json(path, obj):
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    images.write_atomically(path, lambda tmp: _dump_json(tmp, obj))
+
+
+def _dump_json(path, obj):
+    with open(path, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)

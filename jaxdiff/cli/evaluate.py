@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import time
 
 import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from jaxdiff import parallel
+from jaxdiff import images, parallel
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build, commands
 from jaxdiff.eval import plots, quality
@@ -154,8 +155,7 @@ def _write_sweep(out, head, rows, metric):
              f"{head['split']} images ({head['features']} features); real-data floor "
              f"FD = {head['fd_real_floor']:.3g}; checkpoint step {head['step']}, "
              f"schedule {head['schedule']}, guidance {head['guidance']}.\n")
-    with open(out + ".md", "w") as f:
-        f.write(text)
+    images.write_atomically(out + ".md", lambda tmp: pathlib.Path(tmp).write_text(text))
     name = plots.METRIC_NAMES[metric]
     plots.plot_sweep(rows, out + ".png", metric=metric,
                      floor=head["fd_real_floor"] if metric == "fd" else None,

@@ -9,6 +9,8 @@ import json
 import math
 import os
 
+from jaxdiff import images
+
 METRIC_NAMES = {"fd": "FD", "precision": "precision", "recall": "recall", "bpd": "bits/dim"}
 
 
@@ -102,9 +104,8 @@ def plot_training(rows, path, *, title=None):
 
 
 def _save(fig, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    images.write_atomically(path, fig.savefig)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
