@@ -4,6 +4,12 @@
 
 Expect (2 CPU cores): about a minute; runs/toy2d/samples/*.png shows two crescents.
 Other sets: --config.data.name=swiss_roll or gmm.
+
+The sampler is Heun in flow time t (`jaxdiff.sample`'s default `time` for rectified flow), so
+`time_uniform` is a uniform grid in the variable it steps in; 16 steps cost 31 NFE. With the
+exact denoiser of the gmm set (tests/test_natural_time.py) 2.3% of samples land farther than
+3 mode stds from every mode (the exact ODE: 1.2%; Heun in sigma, `options=dict(time="sigma")`:
+55%, and 99% at 8 steps, where Heun in t gives 5.0%).
 """
 
 from ml_collections import ConfigDict

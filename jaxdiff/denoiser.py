@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.process import short_repr
+
 PREDICTIONS = ("eps", "x0", "v", "flow", "score", "edm")
 
 
@@ -39,9 +41,19 @@ def edm_coefficients(ve_sigma, sigma_data):
     return c_skip, c_out, c_in, c_noise
 
 
-def check_prediction(prediction):
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction={prediction!r} is unknown; allowed: {', '.join(PREDICTIONS)}")
+def check_prediction(prediction, process=None):
+    """Refuses an unknown prediction, or one the process cannot use: "edm" preconditioning is
+    built on the data's std `sigma_data`, which only EDM-like processes carry (the other
+    predictions are affine in x0 for any alpha, sigma)."""
+    if not isinstance(prediction, str) or prediction not in PREDICTIONS:
+        raise ValueError(
+            f"prediction={short_repr(prediction)} is unknown; allowed: {', '.join(PREDICTIONS)}"
+        )
+    if prediction == "edm" and process is not None and not hasattr(process, "sigma_data"):
+        raise ValueError(
+            f"prediction='edm' needs a process with sigma_data (EDM), got "
+            f"{type(process).__name__}; use EDM(...) or one of eps, x0, v, flow, score"
+        )
 
 
 def to_x0(out, x, t, process, prediction):
@@ -68,7 +80,7 @@ def to_x0(out, x, t, process, prediction):
 def denoiser(model_fn, process, prediction):
     """D(x_ve, ve_sigma, *args) for `model_fn(x, cond, *args)`; ve_sigma is a scalar or one value
     per sample, `args` (class labels, text embeddings...) pass through to the network."""
-    check_prediction(prediction)
+    check_prediction(prediction, process)
 
     def D(x_ve, ve_sigma, *args):
         ve_sigma = jnp.asarray(ve_sigma, x_ve.dtype)
@@ -116,7 +128,7 @@ def from_x0(x0, x, t, process, prediction):
 def model_from_denoiser(D, process, prediction):
     """A raw `model_fn(x, cond, *args)` whose adapter gives back D: wraps a closed-form
     denoiser (see `jaxdiff.analytic`) as if it were a trained network of any prediction type."""
-    check_prediction(prediction)
+    check_prediction(prediction, process)
 
     def model_fn(x, cond, *args):
         if prediction == "edm":

@@ -20,14 +20,16 @@ Methods and sources:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxdiff.denoiser import check_prediction, expand_like
 from jaxdiff.denoiser import denoiser as make_denoiser
-from jaxdiff.denoiser import expand_like
-from jaxdiff.process import pytree_dataclass
+from jaxdiff.process import check_values, concrete_float, pytree_dataclass, short_repr
 
 
 def _cond_uncond(D, x, sigma, y, y_null):
@@ -199,6 +201,26 @@ def _check_range(name, value, lo, hi):
         raise ValueError(f"{name}={value!r} is out of range; allowed: {lo} <= {name} <= {hi}")
 
 
+def _check_scale(where, scale, rescale=0.0):
+    """A NaN or infinite weight turns every sample into NaN; CFG-rescale phi is a blend weight."""
+    check_values(where, "a finite scale (1 = no guidance)", math.isfinite, finite=False,
+                 scale=scale)
+    check_values(where, "0 <= rescale <= 1", lambda phi: 0 <= phi <= 1, rescale=rescale)
+
+
+def _check_interval(interval):
+    """CFG's interval, (sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi (sigma_hi may be inf)."""
+    if interval is None or not isinstance(interval, (tuple, list)):
+        return  # None, a (2,) array, or a placeholder jax put in while rebuilding the pytree
+    lo, hi = (concrete_float(v) for v in interval) if len(interval) == 2 else (0.0, -1.0)
+    if lo is None or hi is None or 0 <= lo < hi:
+        return
+    raise ValueError(
+        f"CFG(interval={short_repr(interval)}) is invalid; allowed: None or "
+        "(sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi (sigma_hi may be inf)"
+    )
+
+
 def _as_partial(obj, name):
     """Stores a plain function field as a `jax.tree_util.Partial`, a valid pytree."""
     fn = getattr(obj, name)
@@ -218,6 +240,10 @@ class CFG:
     rescale: Any = 0.0
     interval: Any = None
 
+    def __post_init__(self):
+        _check_scale("CFG", self.scale, self.rescale)
+        _check_interval(self.interval)
+
     def __call__(self, D):
         guided = cfg(D, self.scale, self.y, self.y_null, self.rescale)
         if self.interval is None:
@@ -235,6 +261,11 @@ class AdaptiveCFG:
     y_null: Any
     sigma_stop: Any
     rescale: Any = 0.0
+
+    def __post_init__(self):
+        _check_scale("AdaptiveCFG", self.scale, self.rescale)
+        check_values("AdaptiveCFG", "sigma_stop >= 0 (inf: never guide)", lambda s: s >= 0,
+                     finite=False, sigma_stop=self.sigma_stop)
 
     def __call__(self, D):
         return adaptive_cfg(D, self.scale, self.y, self.y_null, self.sigma_stop, self.rescale)
@@ -258,6 +289,9 @@ class Autoguidance:
 
     def __post_init__(self):
         _as_partial(self, "weak_model_fn")
+        _check_scale("Autoguidance", self.scale)
+        # the process field may be a placeholder when jax rebuilds the pytree
+        check_prediction(self.prediction, self.process if hasattr(self.process, "t_of") else None)
 
     def __call__(self, D):
         D_weak = make_denoiser(self.weak_model_fn, self.process, self.prediction)
@@ -275,6 +309,7 @@ class ClassifierGuidance:
 
     def __post_init__(self):
         _as_partial(self, "log_prob_fn")
+        _check_scale("ClassifierGuidance", self.scale)
 
     def __call__(self, D):
         return classifier_guidance(D, self.log_prob_fn, self.scale)
@@ -286,6 +321,12 @@ class DynamicThreshold:
 
     percentile: Any = 0.995
     max_value: Any = 1.0
+
+    def __post_init__(self):
+        # s = clip(quantile, 1, max_value) is the divisor: max_value < 1 contradicts its floor of 1
+        check_values("DynamicThreshold", "0 <= percentile <= 1, max_value >= 1",
+                     lambda q, m: 0 <= q <= 1 and m >= 1,
+                     percentile=self.percentile, max_value=self.max_value)
 
     def __call__(self, D):
         return dynamic_threshold(D, self.percentile, self.max_value)
@@ -304,8 +345,49 @@ class Chain:
         return D
 
 
+def check_guidance(guidance, batch):
+    """What `jaxdiff.sample` would otherwise get silently wrong: a number where a guidance object
+    belongs (TypeError), or labels whose batch is not the noise's: the network would see [y; y_null]
+    misaligned with [x; x]. `batch` is noise.shape[0] (None for unbatched noise)."""
+    if guidance is None:
+        return
+    if not callable(guidance):
+        scale = guidance if concrete_float(guidance) is not None else 2.0
+        raise TypeError(
+            f"guidance={short_repr(guidance)} is not a guidance object; pass e.g. "
+            f"jaxdiff.guidance.CFG(scale={short_repr(scale)}, y=labels, y_null=null_labels)"
+        )
+    for g in guidance.steps if isinstance(guidance, Chain) else (guidance,):
+        if isinstance(g, Chain):
+            check_guidance(g, batch)
+        elif isinstance(g, (CFG, AdaptiveCFG)) and batch is not None:
+            _check_labels(type(g).__name__, g.y, g.y_null, batch)
+
+
+def _check_labels(where, y, y_null, batch):
+    """`_cond_uncond` stacks [y; y_null] along the batch axis: each leaf of y needs one row per
+    sample, and each leaf of y_null must broadcast to its y leaf (e.g. one null class index)."""
+    ys, nulls = jax.tree.leaves(y), jax.tree.leaves(y_null)
+    for leaf in ys:
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch:
+            raise ValueError(
+                f"{where} y has shape {jnp.shape(leaf)} but the noise has batch {batch}; "
+                f"allowed: y with first dimension {batch} (one label per sample)"
+            )
+    for leaf, null in zip(ys, nulls) if len(ys) == len(nulls) else ():
+        try:
+            ok = np.broadcast_shapes(jnp.shape(null), jnp.shape(leaf)) == jnp.shape(leaf)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{where} y_null has shape {jnp.shape(null)}, which does not broadcast to y's "
+                f"{jnp.shape(leaf)} (batch {batch}); allowed: a shape that broadcasts to y's"
+            )
+
+
 __all__ = [
     "cfg", "cfg_rescale", "guidance_interval", "adaptive_cfg", "calibrate_adaptive", "autoguidance",
     "classifier_guidance", "dynamic_threshold", "CFG", "AdaptiveCFG", "Autoguidance",
-    "ClassifierGuidance", "DynamicThreshold", "Chain",
+    "ClassifierGuidance", "DynamicThreshold", "Chain", "check_guidance",
 ]

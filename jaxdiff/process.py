@@ -44,6 +44,38 @@ def _f(x):
     return jnp.asarray(x, dtype=jnp.result_type(float))
 
 
+def short_repr(value, limit=80):
+    """repr(value) on one line, cut to `limit` characters: an error names a bad value without
+    printing a whole array."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def concrete_float(value):
+    """value as a float when it is a concrete Python or numpy number, else None.
+
+    Processes and guidance objects are pytrees: built under jit, by a gradient or by jax's tree
+    utilities, their fields hold tracers, jax arrays or placeholders, which are left unchecked."""
+    if isinstance(value, (int, float, np.number)):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf":
+        return float(value)
+    return None
+
+
+def check_values(where, rule, ok, *, finite=True, **values):
+    """Raises a one-line ValueError naming `where(values)` and the allowed `rule` unless
+    ok(*values) holds (and the values are finite when asked); skipped when any value is not a
+    concrete number (see `concrete_float`). NaN fails every comparison, so it is refused too."""
+    nums = [concrete_float(v) for v in values.values()]
+    if any(n is None for n in nums):
+        return
+    if (not finite or all(map(math.isfinite, nums))) and ok(*nums):
+        return
+    got = ", ".join(f"{k}={short_repr(v)}" for k, v in values.items())
+    raise ValueError(f"{where}({got}) is invalid; allowed: {rule}{' (finite)' if finite else ''}")
+
+
 class Process:
     """Shared derived quantities; subclasses define alpha, sigma, ve_sigma, t_of, cond."""
 
@@ -67,6 +99,34 @@ class Process:
         return jnp.sqrt(1.0 + jnp.square(ve_sigma))
 
 
+def _check_betas(where, beta_start, beta_end):
+    """Betas are per-step noise variances: beta >= 1 zeroes alphas_cumprod, beta_end < beta_start
+    runs the schedule backwards, and beta_start = 0 puts a noise-free level (log 0) in the grid."""
+    check_values(where, "0 < beta_start <= beta_end < 1", lambda a, b: 0 < a <= b < 1,
+                 beta_start=beta_start, beta_end=beta_end)
+
+
+def _check_alphas_cumprod(abar):
+    """ve_sigma = sqrt((1 - abar) / abar) must rise from a level > 0 for the log interpolation
+    and `t_of`: 0 < abar < 1, strictly decreasing. Only numpy values are checked (the field is a
+    pytree leaf: see `concrete_float`)."""
+    if not isinstance(abar, (np.ndarray, list, tuple)):
+        return
+    a = np.asarray(abar, np.float64)
+    if a.ndim != 1 or a.shape[0] < 2:
+        raise ValueError(
+            f"DiscreteVP alphas_cumprod has shape {a.shape}; allowed: 1-D with >= 2 entries"
+        )
+    bad = ~(np.isfinite(a) & (a > 0) & (a < 1))
+    bad[1:] |= ~(np.diff(a) < 0)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise ValueError(
+            f"DiscreteVP alphas_cumprod[{k}]={a[k]:g} is invalid; allowed: 0 < alphas_cumprod < 1, "
+            "strictly decreasing (betas in (0, 1))"
+        )
+
+
 @pytree_dataclass(data=("alphas_cumprod",))
 class DiscreteVP(Process):
     """DDPM-style process over integer training timesteps 0..T-1, from alphas_cumprod.
@@ -85,6 +145,7 @@ class DiscreteVP(Process):
             raise ValueError(
                 f"interpolation={self.interpolation!r} is not supported; use 'log' or 'linear'"
             )
+        _check_alphas_cumprod(self.alphas_cumprod)
 
     @classmethod
     def from_betas(cls, betas, **kw):
@@ -93,17 +154,21 @@ class DiscreteVP(Process):
     @classmethod
     def linear(cls, beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000, **kw):
         """diffusers' `beta_schedule="linear"` (DDPM)."""
+        _check_betas("DiscreteVP.linear", beta_start, beta_end)
         return cls.from_betas(np.linspace(beta_start, beta_end, num_train_timesteps), **kw)
 
     @classmethod
     def scaled_linear(cls, beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, **kw):
         """diffusers' `beta_schedule="scaled_linear"` (latent diffusion / Stable Diffusion)."""
+        _check_betas("DiscreteVP.scaled_linear", beta_start, beta_end)
         betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps) ** 2
         return cls.from_betas(betas, **kw)
 
     @classmethod
     def cosine(cls, num_train_timesteps=1000, s=0.008, max_beta=0.999, **kw):
         """diffusers' `beta_schedule="squaredcos_cap_v2"` (iDDPM cosine, betas capped)."""
+        check_values("DiscreteVP.cosine", "0 < max_beta < 1, s >= 0",
+                     lambda b, s: 0 < b < 1 and s >= 0, max_beta=max_beta, s=s)
         T = num_train_timesteps
         abar = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731
         i = np.arange(T, dtype=np.float64)
@@ -154,6 +219,18 @@ class DiscreteVP(Process):
         return _f(c)
 
 
+def _check_times(process, upper):
+    """0 < t_min < t_max (< upper): ve_sigma(0) = 0 has no log-SNR, and t_max = `upper` is pure
+    noise (alpha = 0). A `time_scale` of 0 or below would hide or reverse t from the network."""
+    name = type(process).__name__
+    rule = "0 < t_min < t_max" + ("" if upper is None else f" < {upper}")
+    hi = math.inf if upper is None else upper
+    check_values(name, rule, lambda lo, t: 0 < lo < t < hi,
+                 t_min=process.t_min, t_max=process.t_max)
+    if hasattr(process, "time_scale"):
+        check_values(name, "time_scale > 0", lambda c: c > 0, time_scale=process.time_scale)
+
+
 class _VEView(Process):
     """Processes defined through log alpha(t); sigma = sqrt(1 - alpha^2) (variance preserving)."""
 
@@ -183,6 +260,13 @@ class VPLinear(_VEView):
     t_max: float = 1.0
     time_scale: float = 1.0  # score_sde's DDPM++ conditions on 999 * t
 
+    def __post_init__(self):
+        # beta(t) = beta_min + t (beta_max - beta_min) is a variance rate: >= 0 for t in [0, 1]
+        check_values("VPLinear", "0 <= beta_min <= beta_max, beta_max > 0",
+                     lambda b0, b1: 0 <= b0 <= b1 and b1 > 0,
+                     beta_min=self.beta_min, beta_max=self.beta_max)
+        _check_times(self, upper=None)
+
     def log_alpha(self, t):
         t = _f(t)
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
@@ -201,6 +285,10 @@ class VPCosine(_VEView):
     t_min: float = 1e-3
     t_max: float = 0.9946  # DPM-Solver's cap, where alpha is still representable
     time_scale: float = 1.0
+
+    def __post_init__(self):
+        check_values("VPCosine", "s >= 0", lambda s: s >= 0, s=self.s)
+        _check_times(self, upper=1)  # alpha(1) = 0
 
     def _phase(self, t):
         return (_f(t) + self.s) / (1.0 + self.s) * (math.pi / 2)
@@ -225,6 +313,12 @@ class VE(Process):
     sigma_hi: float = 50.0
     t_min: float = 0.0
     t_max: float = 1.0
+
+    def __post_init__(self):
+        check_values("VE", "0 < sigma_lo < sigma_hi", lambda lo, hi: 0 < lo < hi,
+                     sigma_lo=self.sigma_lo, sigma_hi=self.sigma_hi)
+        check_values("VE", "0 <= t_min < t_max", lambda lo, hi: 0 <= lo < hi,
+                     t_min=self.t_min, t_max=self.t_max)
 
     def alpha(self, t):
         return jnp.ones_like(_f(t))
@@ -257,6 +351,10 @@ class EDM(Process):
     sigma_data: float = 0.5
     t_min: float = 0.002
     t_max: float = 80.0
+
+    def __post_init__(self):
+        check_values("EDM", "sigma_data > 0", lambda d: d > 0, sigma_data=self.sigma_data)
+        _check_times(self, upper=None)
 
     def alpha(self, t):
         return jnp.ones_like(_f(t))
@@ -292,6 +390,9 @@ class RectifiedFlow(Process):
     t_max: float = 1.0 - 1e-4
     time_scale: float = 1.0
 
+    def __post_init__(self):
+        _check_times(self, upper=1)  # alpha(1) = 0: the VE view x/alpha is infinite
+
     def alpha(self, t):
         return 1.0 - _f(t)
 
@@ -324,3 +425,18 @@ PROCESSES = {
     "edm": EDM,
     "rectified_flow": RectifiedFlow,
 }
+
+
+_INTERFACE = ("alpha", "sigma", "ve_sigma", "t_of", "cond", "t_min", "t_max", "prior_scale")
+
+
+def check_process(process):
+    """A TypeError for what is no process (e.g. the name "edm"); a user's own class passes when it
+    has the interface of the module docstring."""
+    if isinstance(process, Process) or all(hasattr(process, a) for a in _INTERFACE):
+        return
+    names = ", ".join(cls.__name__ for cls in PROCESSES.values())
+    raise TypeError(
+        f"process={short_repr(process)} is not a process; allowed: an instance of {names} "
+        "(jaxdiff.process), e.g. process=jaxdiff.EDM()"
+    )

@@ -19,6 +19,8 @@ from jaxdiff import samplers as samplers_lib
 from jaxdiff import schedules as schedules_lib
 from jaxdiff.denoiser import check_prediction
 from jaxdiff.denoiser import denoiser as make_denoiser
+from jaxdiff.guidance import check_guidance
+from jaxdiff.process import check_process, short_repr
 
 DEFAULT_CAPACITY = 256
 trace_count = 0  # how many times the sampling program was traced (for tests and benchmarks)
@@ -37,6 +39,7 @@ def sample(
     guidance=None,
     capacity=None,
     trajectory=False,
+    time=None,
     **sampler_options,
 ):
     """Draws samples by integrating from `noise` (standard normal, shaped like the data).
@@ -55,12 +58,14 @@ def sample(
       guidance: a guidance object from `jaxdiff.guidance` (e.g. `CFG(scale, y, y_null)`).
       capacity: largest step count the compiled program serves (default 256 or above `steps`).
       trajectory: also return the states after every step.
+      time: the time variable of samplers with a `time` option (heun): "t" (the process's own
+        time) or "sigma" (the VE level). Default: `default_time(process)`.
       **sampler_options: passed to the sampler (e.g. `order=3`, `eta=1.0`).
     Returns:
       samples in the process's scaling at the last noise level (data space when it is 0), and
       the trajectory (VE view) when asked.
     """
-    check_prediction(prediction)
+    noise = _check_inputs(noise, process, prediction, guidance)
     fn = samplers_lib.get(sampler)
     params = inspect.signature(fn).parameters
     unknown = sorted(set(sampler_options) - set(params))
@@ -69,6 +74,7 @@ def sample(
         raise ValueError(f"sampler {sampler!r} has no option {unknown[0]!r}; allowed: {allowed}")
     if "key" in params and params["key"].default is inspect.Parameter.empty and key is None:
         raise ValueError(f"sampler {sampler!r} is stochastic and needs key=jax.random.key(...)")
+    time = _time(sampler, params, process, time)
     sigmas = _padded_grid(process, schedule, steps, capacity)
     if not isinstance(model_fn, jax.tree_util.Partial):
         model_fn = jax.tree_util.Partial(model_fn)
@@ -84,7 +90,23 @@ def sample(
         prediction=prediction,
         options=tuple(sorted(sampler_options.items())),
         trajectory=trajectory,
+        time=time,
     )
+
+
+def _check_inputs(noise, process, prediction, guidance):
+    """Refuses arguments that would run and give a silently wrong result; returns the noise as
+    an array."""
+    check_process(process)
+    check_prediction(prediction, process)
+    noise = jnp.asarray(noise)
+    if not jnp.issubdtype(noise.dtype, jnp.floating):  # integer states round every step to 0
+        raise TypeError(
+            f"noise must be a float array (standard normal draws, e.g. jax.random.normal), "
+            f"got dtype {noise.dtype}"
+        )
+    check_guidance(guidance, noise.shape[0] if noise.ndim else None)
+    return noise
 
 
 _GRIDS = collections.OrderedDict()  # recent padded grids: a repeated call skips their math
@@ -128,13 +150,18 @@ def _grid_key(process, schedule, steps, capacity):
 
 
 def _grid(process, schedule, steps):
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps={short_repr(steps)} must be an integer >= 1")
     if schedule is None:
         schedule = default_schedule(process)
+    name = schedule if isinstance(schedule, str) else getattr(schedule, "__name__", "<array>")
     if isinstance(schedule, str):
         schedule = schedules_lib.get(schedule)
-    grid = schedule(process, steps) if callable(schedule) else schedules_lib.array(schedule)
+    grid = schedule(process, steps) if callable(schedule) else schedule
+    try:  # inside the compiled program the grid is traced, and a sampler can no longer check it
+        grid = schedules_lib.array(grid)
+    except ValueError as e:
+        raise ValueError(f"schedule={name} gives a bad grid: {e}") from None
     if len(grid) != steps + 1:
         raise ValueError(
             f"schedule has {len(grid)} noise levels but steps={steps} needs {steps + 1}"
@@ -148,16 +175,40 @@ def default_schedule(process):
     return {"EDM": "karras", "VE": "karras", "DiscreteVP": "trailing"}.get(name, "logsnr")
 
 
+def default_time(process):
+    """The process's natural time for `time`: "t" for RectifiedFlow and the continuous VP
+    processes; "sigma" for EDM (whose t is sigma: the two coincide), VE (whose t is a rescaled
+    log sigma; EDM's own sampler steps every process in sigma, Table 1) and DiscreteVP (its t
+    interpolates the training timesteps piecewise, and diffusers' HeunDiscreteScheduler, which
+    the parity tests reproduce, steps in sigma)."""
+    return "sigma" if type(process).__name__ in ("EDM", "VE", "DiscreteVP") else "t"
+
+
+def _time(sampler, params, process, time):
+    """`time` for `_core`: "t" or "sigma" when the sampler has the option, else None."""
+    if time is not None and time not in ("t", "sigma"):
+        raise ValueError(f"time={time!r} is unknown; allowed: 't', 'sigma'")
+    if "time" not in params:
+        if time is not None:
+            having = [n for n, f in samplers_lib.SAMPLERS.items()
+                      if "time" in inspect.signature(f).parameters]
+            raise ValueError(f"sampler {sampler!r} has no time option; samplers with one: {having}")
+        return None
+    return default_time(process) if time is None else time
+
+
 def _capacity(steps, capacity):
     if capacity is None:
         return max(DEFAULT_CAPACITY, 1 << (int(steps) - 1).bit_length())
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
+        raise ValueError(f"capacity={short_repr(capacity)} must be an integer >= 1 (or None)")
     if steps > capacity:
         raise ValueError(f"steps={steps} exceeds capacity={capacity}; pass capacity >= {steps}")
     return capacity
 
 
 def _core(model_fn, noise, sigmas, steps, key, process, guidance, *, sampler, prediction, options,
-          trajectory):
+          trajectory, time):
     global trace_count
     trace_count += 1
     D = make_denoiser(model_fn, process, prediction)
@@ -167,6 +218,8 @@ def _core(model_fn, noise, sigmas, steps, key, process, guidance, *, sampler, pr
     kwargs = dict(options, num_steps=steps, trajectory=trajectory)
     if key is not None and "key" in inspect.signature(fn).parameters:
         kwargs["key"] = key
+    if time == "t":  # the process is traced here, so it reaches the sampler as an argument
+        kwargs["time"] = process
     x = noise * process.prior_scale(sigmas[0]).astype(noise.dtype)
     out = fn(D, x, sigmas, **kwargs)
     x, traj = out if trajectory else (out, None)
@@ -177,4 +230,5 @@ def _core(model_fn, noise, sigmas, steps, key, process, guidance, *, sampler, pr
     return (x, traj) if trajectory else x
 
 
-_run = jax.jit(_core, static_argnames=("sampler", "prediction", "options", "trajectory"))
+_run = jax.jit(_core, static_argnames=("sampler", "prediction", "options", "trajectory",
+                                       "time"))

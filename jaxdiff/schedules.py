@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxdiff.process import DiscreteVP
+from jaxdiff.process import DiscreteVP, short_repr
 
 
 def _f64(x):
@@ -75,6 +75,8 @@ exponential = logsnr
 def karras(process, n, *, rho=7.0, sigma_min=None, sigma_max=None, final_zero=True):
     """Karras et al. 2022, Eq. 5: uniform in ve_sigma^(1/rho)."""
     _check_n(n)
+    if not 0 < rho < np.inf:  # rho = 0 divides by zero: a NaN grid
+        raise ValueError(f"rho={short_repr(rho)} must be a finite number > 0 (Karras: 7)")
     lo, hi = _range(process, sigma_min, sigma_max)
     m = n if final_zero else n + 1
     u = np.linspace(0.0, 1.0, m)
@@ -85,11 +87,18 @@ def shift(process, n, *, shift=3.0, base="time_uniform", final_zero=True):
     """SD3's resolution shift applied to a base schedule: ve_sigma' = shift * ve_sigma, kept
     inside the process's range."""
     _check_n(n)
-    if shift <= 0:
-        raise ValueError(f"shift={shift!r} must be > 0")
+    if not 0 < shift < np.inf:
+        raise ValueError(f"shift={short_repr(shift)} must be a finite number > 0")
     grid = get(base)(process, n, final_zero=final_zero)
     lo, hi = _range(process, None, None)
-    return np.where(grid > 0, np.clip(grid * shift, lo, hi), 0.0)
+    out = np.where(grid > 0, np.clip(grid * shift, lo, hi), 0.0)
+    if np.any(np.diff(out[out > 0]) >= 0):  # clipping repeated a level: zero-length steps
+        raise ValueError(
+            f"shift={shift:g} moves levels of the {n}-step grid outside {type(process).__name__}'s "
+            f"range [{lo:g}, {hi:g}] (ve_sigma * shift), repeating them; use a smaller shift, "
+            "fewer steps, or a RectifiedFlow process"
+        )
+    return out
 
 
 # Align Your Steps 10-step noise levels (ve_sigma), from the AYS project page, per model family.
@@ -115,31 +124,53 @@ def ays(process, n, *, model="sd15", final_zero=True):
 def timesteps(process, ts, *, final_zero=True):
     """Grid at explicit (decreasing) process times, e.g. a discrete model's training timesteps."""
     ts = _f64(ts)
-    if ts.ndim != 1 or len(ts) < 1 or np.any(np.diff(ts) >= 0):
-        raise ValueError(f"timesteps must be a strictly decreasing 1-D list, got {ts.tolist()}")
+    if ts.ndim != 1 or len(ts) < 1:
+        raise ValueError(f"timesteps must be a strictly decreasing 1-D list, got shape {ts.shape}")
+    bad = ~np.isfinite(ts)
+    bad[1:] |= ~(np.diff(ts) < 0)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise ValueError(
+            f"timesteps must be a strictly decreasing 1-D list, got {short_repr(ts.tolist())} "
+            f"(first bad: timesteps[{k}]={ts[k]:g})"
+        )
+    if isinstance(process, DiscreteVP) and not 0 <= ts[-1] <= ts[0] <= process.t_max:
+        # outside the training timesteps the interpolation clamps: repeated noise levels
+        raise ValueError(
+            f"timesteps run from {ts[0]:g} to {ts[-1]:g}; allowed: within the DiscreteVP's "
+            f"training timesteps 0..{process.t_max:g}"
+        )
     return _finish(_sigma_of_t(process, ts), final_zero)
 
 
-def _discrete(process, name):
+def _discrete(process, name, n=None):
+    """The process's number of training timesteps T; a spacing of integer timesteps holds at
+    most T distinct ones, so n > T steps (when `n` is given) would repeat levels."""
     if not isinstance(process, DiscreteVP):
         raise ValueError(
             f"schedule {name!r} is a timestep spacing for DiscreteVP processes, not "
             f"{type(process).__name__}; use karras, logsnr, time_uniform or time_quadratic"
         )
-    return process.num_train_timesteps
+    T = process.num_train_timesteps
+    if n is not None and n > T:
+        raise ValueError(
+            f"steps={n} exceeds the {T} training timesteps of the DiscreteVP; schedule {name!r} "
+            f"would repeat timesteps (allowed: steps <= {T}, or linspace with round=False)"
+        )
+    return T
 
 
 def trailing(process, n, *, final_zero=True):
     """diffusers' `timestep_spacing="trailing"`: round(arange(T, 0, -T/n)) - 1."""
     _check_n(n)
-    T = _discrete(process, "trailing")
+    T = _discrete(process, "trailing", n)
     return timesteps(process, np.round(np.arange(T, 0, -T / n)) - 1, final_zero=final_zero)
 
 
 def leading(process, n, *, steps_offset=0, final_zero=True):
     """diffusers' `timestep_spacing="leading"` (DDIM/Euler form): arange(n) * (T // n)."""
     _check_n(n)
-    T = _discrete(process, "leading")
+    T = _discrete(process, "leading", n)
     ts = (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
     return timesteps(process, ts, final_zero=final_zero)
 
@@ -148,7 +179,7 @@ def linspace(process, n, *, round=True, final_zero=True):
     """diffusers' `timestep_spacing="linspace"`: linspace(0, T-1, n), rounded as DDIM does
     (`round=False` keeps Euler's fractional timesteps)."""
     _check_n(n)
-    T = _discrete(process, "linspace")
+    T = _discrete(process, "linspace", n if round else None)
     ts = np.linspace(0, T - 1, n)[::-1]
     return timesteps(process, ts.round() if round else ts, final_zero=final_zero)
 

@@ -66,8 +66,10 @@ def check_sigmas(sigmas):
     if isinstance(sigmas, jax.core.Tracer):
         return
     s = np.asarray(sigmas, np.float64)
-    if not np.all(np.isfinite(s)) or np.any(s < 0):
-        raise ValueError(f"sigmas must be finite and >= 0, got {s.tolist()}")
+    bad = ~(np.isfinite(s) & (s >= 0))
+    if bad.any():  # name the first bad level only: a grid may hold a million of them
+        k = int(np.argmax(bad))
+        raise ValueError(f"sigmas must be finite and >= 0, got sigmas[{k}]={s[k]:g}")
     d = np.diff(s)
     end = len(s) - 1
     while end > 0 and s[end] == s[end - 1]:  # allow padding with repeats of the last value

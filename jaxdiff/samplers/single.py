@@ -1,7 +1,8 @@
 """Single-step ODE samplers: DDIM, Euler, Heun (EDM), DPM-Solver-1/2/3, DPM-Solver++(2S), and
 diffusers' singlestep DPM-Solver++ schedule.
 
-Everything runs in the VE view x = x0 + sigma * eps, with lambda = -log sigma. There the
+Everything runs in the VE view x = x0 + sigma * eps, with lambda = -log sigma (`heun` can step
+in a process's own time instead, converting to and from the VE view at each level). There the
 exponential integrators' weights are ratios of noise levels: for h = lambda' - lambda,
 e^{-h} = sigma'/sigma and sigma'(e^h - 1) = sigma - sigma'. A step whose target level is 0
 (h = inf) is taken to first order (DDIM, x' = D(x, sigma)): the intermediate stages of a higher
@@ -170,8 +171,47 @@ def _churn(x, s, i, n, key, s_churn, s_tmin, s_tmax, s_noise):
     return x + s * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise * z, s * (1.0 + gamma)
 
 
+def _sigma_step(denoiser, x, s, s_next):
+    """Alg. 1's step in sigma: Euler, then the trapezoid with the slope at sigma' (if > 0)."""
+    d = (x - denoiser(x, s)) / s
+    x_euler = x + (s_next - s) * d
+
+    def correct():
+        t = _positive(s_next, s)
+        d_next = (x_euler - denoiser(x_euler, t)) / t
+        return x + (s_next - s) * 0.5 * (d + d_next)
+
+    return jax.lax.cond(s_next > 0, correct, lambda: x_euler)
+
+
+def _velocity(process, t, x_ve, x0, s):
+    """dx/dt of x = alpha(t) x_ve at level s = ve_sigma(t): EDM Eq. 4 with sigma(t) = ve_sigma
+    and s(t) = alpha, which is alpha'(t) x0 + sigma'(t) eps with eps = (x_ve - x0)/ve_sigma
+    (alpha', sigma' by forward-mode autodiff of the process)."""
+    (alpha, _), (d_alpha, d_sigma) = jax.jvp(
+        lambda t: (process.alpha(t), process.sigma(t)), (t,), (jnp.ones_like(t),))
+    return alpha, d_alpha * x0 + d_sigma * (x_ve - x0) / s
+
+
+def _time_step(denoiser, x, s, s_next, process):
+    """Alg. 1's step in the process's own time t on x = alpha(t) x_ve, from and back to the VE
+    view; a step to sigma' = 0 is DDIM (x' = D, no model call at 0)."""
+    x0 = denoiser(x, s)
+
+    def correct():
+        s_to = _positive(s_next, s)
+        t, t_next = process.t_of(s), process.t_of(s_to)
+        alpha, v = _velocity(process, t, x, x0, s)
+        alpha_next = process.alpha(t_next)
+        x_euler = (alpha * x + (t_next - t) * v) / alpha_next  # back in the VE view
+        _, v_next = _velocity(process, t_next, x_euler, denoiser(x_euler, s_to), s_to)
+        return ((alpha * x + (t_next - t) * 0.5 * (v + v_next)) / alpha_next).astype(x.dtype)
+
+    return jax.lax.cond(s_next > 0, correct, lambda: x0.astype(x.dtype))
+
+
 def heun(denoiser, x, sigmas, *, num_steps=None, trajectory=False, s_churn=0.0, s_tmin=0.0,
-         s_tmax=float("inf"), s_noise=1.0, key=None):
+         s_tmax=float("inf"), s_noise=1.0, key=None, time=None):
     """EDM's Heun sampler (Karras et al. 2022, Alg. 2; Alg. 1 when s_churn = 0): 2 NFE per step.
 
     Euler from sigma_hat to sigma', then the trapezoidal correction with the slope at sigma'.
@@ -179,7 +219,20 @@ def heun(denoiser, x, sigmas, *, num_steps=None, trajectory=False, s_churn=0.0, 
     NFE = 2N - 1 on a grid ending at 0 (2N otherwise). Churn: gamma = min(s_churn/N, sqrt2 - 1)
     for sigma in [s_tmin, s_tmax] (N = steps taken), sigma_hat = (1 + gamma) sigma, and the state
     gets sqrt(sigma_hat^2 - sigma^2) s_noise z, z ~ N(0, I) from `step_key(key, i)`; a `key` is
-    required when s_churn != 0."""
+    required when s_churn != 0.
+
+    `time`: the variable both stages step in. None: the VE level sigma (k-diffusion's
+    `sample_heun`, diffusers' `HeunDiscreteScheduler`). A process (`jaxdiff.process`, traced
+    like any pytree): its own time t, on x = alpha(t) x_ve (EDM Eq. 4 with sigma(t) = ve_sigma(t),
+    s(t) = alpha(t)); each grid level maps to t = process.t_of(sigma), the state is converted to
+    x and back at each level, and the slope dx/dt = alpha' D + sigma' (x_ve - D)/ve_sigma takes
+    alpha', sigma' from `jax.jvp` of the process. For a flow (x = (1 - t) x0 + t eps) that is
+    dx/dt = (x - D)/t, which Euler and the trapezoid integrate well on a t grid, whereas a
+    trapezoid in sigma spans ve_sigma ~ 1e4 -> 1 in one step. Churn acts on the VE-view state
+    and level before the step, so it works in either time."""
+    if isinstance(time, str):
+        raise ValueError(f"heun's time={time!r} must be None or a process; "
+                         "jaxdiff.sample takes time='t' or 'sigma'")
     stochastic = _churn_gate(s_churn, key)
     n = num_steps_of(sigmas, num_steps)
 
@@ -187,15 +240,9 @@ def heun(denoiser, x, sigmas, *, num_steps=None, trajectory=False, s_churn=0.0, 
         s, s_next = sigmas[i], sigmas[i + 1]
         if stochastic:
             x, s = _churn(x, s, i, n, key, s_churn, s_tmin, s_tmax, s_noise)
-        d = (x - denoiser(x, s)) / s
-        x_euler = x + (s_next - s) * d
-
-        def correct():
-            t = _positive(s_next, s)
-            d_next = (x_euler - denoiser(x_euler, t)) / t
-            return x + (s_next - s) * 0.5 * (d + d_next)
-
-        return jax.lax.cond(s_next > 0, correct, lambda: x_euler), carry
+        if time is None:
+            return _sigma_step(denoiser, x, s, s_next), carry
+        return _time_step(denoiser, x, s, s_next, time), carry
 
     return run(step, x, sigmas, num_steps=num_steps, trajectory=trajectory)
 
