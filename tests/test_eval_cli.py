@@ -48,7 +48,9 @@ def test_eval_writes_fd_pr_nll_report(run, tmp_path):
     assert r["nfe"] == 5  # heun: 2 per step, 1 for the last step to sigma = 0
     assert r["features"] == "digits" and r["split"] == "test" and r["num_real"] == 200
     # a 2-step model makes blobs: further from the test digits than 20 real training digits are
-    assert r["fd"] > r["fd_real_floor"] > 0  # measured 45.9 and 24.1
+    assert r["fd"] > r["fd_real"] + 3 * r["fd_real_std"] > 0  # measured 45.9 and 14.4 ± 1.0
+    assert r["num_train_pool"] == 80 and r["fd_real_draws"] == 10 and r["fd_real_balanced"]
+    assert 0 < r["fd_real_std_err"] < r["fd_real_std"]
     assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["precision"] < 0.5
     assert 0 <= r["classifier_agreement"] <= 1
     # untrained model on 8-bit data: bits/dim positive, finite, below 8-bit noise + a margin
@@ -69,6 +71,8 @@ def test_sweep_writes_table_plot_and_counts_nfe(run, tmp_path):
     assert table[0] == "| sampler | 1 steps | 3 steps |"
     assert table[2].startswith("| ddim | ") and table[3].startswith("| heun | ")
     assert table[3].endswith(" (5) |")
+    assert table[-1].startswith("Real data: 20 training examples with the samples' class "
+                                "balance score FD ")
     assert open(f"{prefix}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -101,6 +105,31 @@ def test_plot_writes_training_curves(run, tmp_path):
 
     rows = plots.read_metrics_log(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and "loss" in rows[0]
+
+
+def test_plot_skips_damaged_log_lines(run, tmp_path):
+    """A run killed mid-write leaves a half-written last line; a resumed run appends to it."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "config.json").write_text((run / "config.json").read_text())
+    log, png = work / "metrics.jsonl", tmp_path / "curves.png"
+    log.write_text(lines[0] + "\n" + lines[1][:20] + "\x00\x00\n" + "[1, 2]\n"
+                   + lines[1][:30])
+    code, errors = _main("plot", f"--workdir={work}", f"--out={png}")
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    want = f"jaxdiff plot: warning: {log}: skipped 3 damaged lines (2, 3, 4; first: not JSON ("
+    assert len(errors) == 1 and errors[0].startswith(want), errors
+
+    from jaxdiff.eval import plots
+
+    log.write_text(lines[0] + "\n" + lines[1][:25] + lines[1] + "\n")  # resumed after a kill
+    assert [r["step"] for r in plots.read_metrics_log(log)] == [1, 2]  # no warning
+    log.write_text("\n" + lines[0][:25] + "\n")
+    code, errors = _main("plot", f"--workdir={work}", f"--out={png}")
+    assert code == 1 and len(errors) == 1, errors
+    assert errors[0].startswith(f"jaxdiff plot: error: {log}, line 2: not JSON (")
+    assert errors[0].endswith("); the log holds no readable step")
 
 
 BAD = [
@@ -176,6 +205,33 @@ def test_fd_separates_real_from_noise(split):
     fd_blur = metrics.frechet_distance(test, digits.features(blurred))
     assert fd_real < 2.5 and fd_noise > 25  # measured 1.77 and 37.1
     assert fd_real < fd_blur < fd_noise
+
+
+def test_real_fd_matches_count_and_class_balance(split):
+    """FD grows as the sample count falls, and an even class balance lowers it: one set of 100
+    training digits (the first) scores 6.4 against the test digits, class-balanced draws of 100
+    (as a class-conditional model's samples are) 3.8 ± 0.3. Each draw has the classes' counts;
+    with fewer examples of a class than asked for it is drawn with replacement."""
+    (x, y), test = split["train"], digits.features(split["test"][0])
+    feats = digits.features(x)
+    first = metrics.frechet_distance(feats[:100], test)
+    counts = np.bincount(np.arange(100) % 10, minlength=10)
+    r = quality.real_fd(feats, test, num=100, train_labels=y, class_counts=counts, seed=1)
+    assert first > r["fd_real"] + 2 * r["fd_real_std"]  # measured 6.39 and 3.80 ± 0.28
+    assert r == quality.real_fd(feats, test, num=100, train_labels=y, class_counts=counts,
+                                seed=1)
+    assert not r["fd_real_replace"] and r["fd_real_std_err"] == pytest.approx(
+        r["fd_real_std"] / np.sqrt(10))
+    unbalanced = quality.real_fd(feats, test, num=100, seed=1)
+    assert unbalanced["fd_real"] > r["fd_real"]  # measured 4.12 ± 0.73 and 3.80
+    big = quality.real_fd(feats, test, num=1000, train_labels=y, class_counts=counts * 10)
+    assert big["fd_real"] < r["fd_real"] and not big["fd_real_replace"]  # 1.57 ± 0.04
+    assert np.bincount(y[:50], minlength=10).min() == 4  # 5 of a class: with replacement
+    few = quality.real_fd(feats[:50], test, num=50, train_labels=y[:50],
+                          class_counts=np.full(10, 5), draws=3)
+    assert few["fd_real_replace"] and few["fd_real_draws"] == 3
+    with pytest.raises(ValueError, match="class_counts add up to 20, not num=30"):
+        quality.real_fd(feats, test, num=30, train_labels=y, class_counts=np.full(10, 2))
 
 
 def test_bits_per_dim_batches_match_closed_form():

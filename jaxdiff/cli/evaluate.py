@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import sys
 import time
 
 import jax
@@ -19,6 +20,8 @@ from jaxdiff.cli import build, commands
 from jaxdiff.eval import plots, quality
 
 NLL_BATCH = 100  # test examples per likelihood ODE solve
+REAL_DRAWS = 10  # draws of real training data behind `fd_real`
+REAL_POOL = 4  # ... from the first REAL_POOL * num training examples (all of them if fewer)
 
 
 @dataclasses.dataclass
@@ -42,16 +45,23 @@ def load(config, workdir, *, split):
     return Run(config, workdir, model, process, params, step, mesh, split)
 
 
-def reference(run, featurize, *, features, num):
-    """(featurize, real features of the reference split, facts about them); `fd_real_floor` is
-    the FD of `num` real training images to the reference, what a perfect model would score."""
+def reference(run, featurize, *, features, num, seed):
+    """(featurize, real features of the reference split, facts about them). The facts hold
+    `fd_real` (`quality.real_fd`): the FD of `num` real training examples with the class
+    balance of the samples, mean and spread over REAL_DRAWS draws from the first
+    REAL_POOL * num training examples: what a model of the data distribution scores in
+    expectation at this sample count."""
     d = run.config.data
-    real, _ = quality.real_data(d.name, run.split, data_dir=d.data_dir)
-    real_feats = featurize(real)
-    train_x, _ = quality.real_data(d.name, "train", num=num, data_dir=d.data_dir)
-    floor = quality.sample_quality(train_x, real_feats, featurize, metrics=("fd",))["fd"]
-    return featurize, real_feats, {"split": run.split, "num_real": len(real_feats),
-                                   "fd_real_floor": floor, "features": features}
+    real_feats, _ = quality.real_features(d.name, run.split, featurize, data_dir=d.data_dir)
+    train_feats, train_y = quality.real_features(d.name, "train", featurize,
+                                                 num=REAL_POOL * num, data_dir=d.data_dir)
+    K = commands.classes(run.config)  # commands.draw labels the samples 0..K-1 in turn
+    counts = np.bincount(np.arange(num) % K, minlength=K) if K else None
+    facts = {"split": run.split, "num_real": len(real_feats), "features": features,
+             "num_train_pool": len(train_feats), "fd_real_balanced": bool(K)}
+    facts.update(quality.real_fd(train_feats, real_feats, num=num, train_labels=train_y,
+                                 class_counts=counts, draws=REAL_DRAWS, seed=seed))
+    return featurize, real_feats, facts
 
 
 def _sampler_config(config, sampler):
@@ -110,7 +120,7 @@ def evaluate(config, workdir, *, metrics, sampler, steps, num, seed, guidance, f
     report = {"workdir": workdir, "step": run.step, "dataset": config.data.name}
     sampler, steps = sampler or config.sampler.name, steps or config.sampler.steps
     if quality_metrics:
-        ref = reference(run, featurize, features=features, num=num)
+        ref = reference(run, featurize, features=features, num=num, seed=seed)
         report.update(ref[2], num_samples=num, seed=seed, schedule=config.sampler.schedule,
                       guidance=config.sampler.guidance if guidance is None else guidance)
         report.update(quality_of(run, ref, metrics=metrics, sampler=sampler, steps=steps,
@@ -119,6 +129,8 @@ def evaluate(config, workdir, *, metrics, sampler, steps, num, seed, guidance, f
         report.update(split=split, **nll_of(run, num=num, seed=seed, divergence=divergence))
     commands.write_json(out, report)
     _say(f"wrote {out}: " + json.dumps(report))
+    if "fd" in metrics:
+        _say(f"FD {report['fd']:.3g}. " + real_data_line(report))
     return report
 
 
@@ -132,7 +144,7 @@ def sweep(config, workdir, *, metrics, samplers, steps_list, num, seed, guidance
                          "model, not on --steps); the sweep takes fixed-step samplers")
     featurize = quality.feature_fn(features, inception_weights=inception_weights)
     run = load(config, workdir, split=split)
-    ref = reference(run, featurize, features=features, num=num)
+    ref = reference(run, featurize, features=features, num=num, seed=seed)
     rows = []
     for sampler in samplers:
         for steps in steps_list:
@@ -152,21 +164,34 @@ def _write_sweep(out, head, rows, metric):
         return
     text = plots.sweep_markdown(rows, metric=metric)
     text += (f"\n{head['num_samples']} samples per cell against {head['num_real']} real "
-             f"{head['split']} images ({head['features']} features); real-data floor "
-             f"FD = {head['fd_real_floor']:.3g}; checkpoint step {head['step']}, "
-             f"schedule {head['schedule']}, guidance {head['guidance']}.\n")
+             f"{head['split']} images ({head['features']} features); checkpoint step "
+             f"{head['step']}, schedule {head['schedule']}, guidance {head['guidance']}.\n"
+             f"\n{real_data_line(head)}\n")
     images.write_atomically(out + ".md", lambda tmp: pathlib.Path(tmp).write_text(text))
     name = plots.METRIC_NAMES[metric]
     plots.plot_sweep(rows, out + ".png", metric=metric,
-                     floor=head["fd_real_floor"] if metric == "fd" else None,
+                     real=(head["fd_real"], head["fd_real_std"]) if metric == "fd" else None,
                      title=f"{head['dataset']}: {name} vs NFE (step {head['step']}, "
                            f"guidance {head['guidance']})")
     print(text + f"wrote {out}.md, {out}.png, {out}.json")
 
 
+def real_data_line(facts):
+    """One sentence on `fd_real` for tables: what real data scores at the same sample count."""
+    how = ", drawn with replacement" if facts["fd_real_replace"] else ""
+    balance = " with the samples' class balance" if facts["fd_real_balanced"] else ""
+    return (f"Real data: {facts['num_samples']} training examples{balance} score FD "
+            f"{facts['fd_real']:.3g} ± {facts['fd_real_std_err']:.2g} (mean ± "
+            f"s.e. over {facts['fd_real_draws']} draws{how}; one draw varies by "
+            f"{facts['fd_real_std']:.2g}, and so does a model's FD): what a model of the data "
+            "distribution scores in expectation, no strict lower bound.")
+
+
 def plot(workdir, *, out):
     """Training curves of `workdir` (its metrics.jsonl) as a PNG."""
-    rows = plots.read_metrics_log(os.path.join(workdir, "metrics.jsonl"))
+    rows = plots.read_metrics_log(
+        os.path.join(workdir, "metrics.jsonl"),
+        warn=lambda message: print(f"jaxdiff plot: warning: {message}", file=sys.stderr))
     plots.plot_training(rows, out, title=workdir)
     print(f"wrote {out} ({len(rows)} logged steps, last {rows[-1]['step']})")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 from jaxdiff import images
 
@@ -44,16 +45,21 @@ def sweep_markdown(rows, *, metric="fd"):
     return "\n".join(lines) + f"\n\nCells: {name} (NFE, model evaluations per sample).\n"
 
 
-def plot_sweep(rows, path, *, metric="fd", title=None, floor=None):
-    """`metric` against NFE (log axis), one line per sampler, written to `path` (PNG); `floor`
-    (e.g. the FD of real data to real data) is drawn as a dashed line."""
+def plot_sweep(rows, path, *, metric="fd", title=None, real=None):
+    """`metric` against NFE (log axis), one line per sampler, written to `path` (PNG); `real`,
+    (value, spread) of real data at the same sample count (e.g. `fd_real`, `fd_real_std`), is
+    drawn as a dashed line in a band of ± spread."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for sampler in dict.fromkeys(r["sampler"] for r in rows):
         pts = sorted((r["nfe"], r[metric]) for r in rows if r["sampler"] == sampler)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=sampler)
-    if floor is not None:
-        ax.axhline(floor, color="k", linestyle="--", linewidth=1, label="real data")
+    if real is not None:
+        value, spread = real
+        ax.axhline(value, color="k", linestyle="--", linewidth=1,
+                   label="real data, same count ± spread")
+        ax.axhspan(max(value - spread, value / 2), value + spread, color="k", alpha=0.1,
+                   linewidth=0)
     ax.set_xscale("log")
     if metric == "fd" and all(r[metric] > 0 for r in rows):
         ax.set_yscale("log")
@@ -65,26 +71,69 @@ def plot_sweep(rows, path, *, metric="fd", title=None, floor=None):
     _save(fig, path)
 
 
-def read_metrics_log(path):
-    """Rows of a run's metrics.jsonl by step; a resumed run's repeated steps keep the last."""
+def read_metrics_log(path, *, warn=None):
+    """Rows of a run's metrics.jsonl by step; a resumed run's repeated steps keep the last.
+
+    Damaged lines (a half-written last line after a kill, garbled bytes: anything but a JSON
+    object of numbers with an integer "step") are skipped, and `warn` (default:
+    `warnings.warn`) gets one line naming them; with no readable row left, a ValueError names
+    the file and the first damaged line."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no training log {path}; train first with "
                                 "jaxdiff train --config ... --workdir ...")
-    by_step = {}
-    with open(path) as f:
-        for line in f:
+    by_step, damaged = {}, []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
             if line.strip():
-                row = json.loads(line)
-                by_step[int(row["step"])] = row
+                row, why = _metrics_row(line)
+                if row is None:
+                    damaged.append((number, why))
+                else:
+                    by_step[int(row["step"])] = row
+    if damaged and not by_step:
+        number, why = damaged[0]
+        raise ValueError(f"{path}, line {number}: {why}; the log holds no readable step")
     if not by_step:
         raise ValueError(f"{path} holds no logged steps yet")
+    if damaged:
+        lines = ", ".join(str(n) for n, _ in damaged[:5]) + (", ..." if len(damaged) > 5 else "")
+        s = "s" if len(damaged) > 1 else ""
+        message = (f"{path}: skipped {len(damaged)} damaged line{s} ({lines}; first: "
+                   f"{damaged[0][1]})")
+        (warn or warnings.warn)(message)
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _metrics_row(line):
+    """(row, None) for a line of metrics.jsonl, or (None, why it is no row). A line that a
+    killed run left half-written and a resumed run appended to keeps the appended row."""
+    row, why = _parse_row(line)
+    start = line.rfind('{"step"')
+    if row is None and start > 0:
+        tail, _ = _parse_row(line[start:])
+        if tail is not None:
+            return tail, None
+    return row, why
+
+
+def _parse_row(text):
+    try:
+        row = json.loads(text)
+    except ValueError as e:
+        return None, f"not JSON ({e})"
+    if not isinstance(row, dict) or "step" not in row:
+        return None, "not a JSON object with a step"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row.values()):
+        return None, "not all values are numbers"
+    if not math.isfinite(row["step"]) or row["step"] != int(row["step"]):
+        return None, f"step {row['step']} is not an integer"
+    return row, None
 
 
 def plot_training(rows, path, *, title=None):
     """One panel per logged scalar (loss, grad_norm, lr, ...) against step, to `path` (PNG)."""
     plt = _pyplot()
-    keys = [k for k in rows[0] if k != "step"]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "step"))
     cols = min(2, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3 * nrows), dpi=100, squeeze=False)

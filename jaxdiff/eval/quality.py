@@ -2,7 +2,8 @@
 
 - FD: Frechet distance between Gaussians fitted to features of samples and of real data
   (Heusel et al. 2017, Sec. 3), FD_digits with the built-in digits network
-  (`jaxdiff.eval.digits`) or FID with Inception-v3 pool3 features (`jaxdiff.eval.inception`).
+  (`jaxdiff.eval.digits`) or FID with Inception-v3 pool3 features (`jaxdiff.eval.inception`);
+  `real_fd`: the FD of real training data at the samples' count and class balance.
 - PR: improved precision and recall, k-NN manifolds in the same features (Kynkaanniemi et al.
   2019, Sec. 2).
 - NLL: bits/dim through the probability-flow ODE (Song et al. 2021, Sec. 4.3 and App. D.2;
@@ -55,14 +56,30 @@ def feature_fn(kind, *, inception_weights=None):
 def real_data(name, split, *, num=None, data_dir=None):
     """The first `num` (default all) examples of a dataset split, in file order, as numpy
     (x in [-1, 1], labels) from the training pipeline (`jaxdiff.data.build`)."""
+    rows = list(_examples(name, split, num, data_dir))
+    if not rows:
+        raise ValueError(f"split {split!r} of {name!r} is empty")
+    return (np.concatenate([r["x"] for r in rows]), np.concatenate([r["label"] for r in rows]))
+
+
+def real_features(name, split, featurize, *, num=None, data_dir=None, chunk=1000):
+    """(features, labels) of the examples `real_data` gives, featurized `chunk` examples at a
+    time: only the features are held, not the images."""
+    rows, feats, labels = _examples(name, split, num, data_dir), [], []
+    while batch := list(itertools.islice(rows, chunk)):
+        feats.append(np.asarray(featurize(np.concatenate([r["x"] for r in batch]))))
+        labels.append(np.concatenate([r["label"] for r in batch]))
+    if not feats:
+        raise ValueError(f"split {split!r} of {name!r} is empty")
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def _examples(name, split, num, data_dir):
     from jaxdiff import data as data_lib
 
     it = data_lib.build(name, split, batch_size=1, shuffle=False, num_epochs=1,
                         data_dir=data_dir, num_threads=1, prefetch=64)
-    rows = list(itertools.islice(it, num))
-    if not rows:
-        raise ValueError(f"split {split!r} of {name!r} is empty")
-    return (np.concatenate([r["x"] for r in rows]), np.concatenate([r["label"] for r in rows]))
+    return itertools.islice(it, num)
 
 
 def sample_quality(fake, real_feats, featurize, *, metrics, k=3):
@@ -76,6 +93,50 @@ def sample_quality(fake, real_feats, featurize, *, metrics, k=3):
         out["precision"], out["recall"] = metrics_lib.precision_recall(real_feats, fake_feats,
                                                                        k=k)
     return out
+
+
+def real_fd(train_feats, real_feats, *, num, train_labels=None, class_counts=None, draws=10,
+            seed=0):
+    """FD to `real_feats` of real data at a model's sample count and class balance: `draws`
+    random draws of `num` rows of `train_feats` (features of training examples), each with
+    `class_counts[k]` rows of class k (`train_labels`) when given, as a class-conditional model's
+    samples have.
+
+    FD is biased upward by a small sample (and lowered by an even class balance), so only real
+    data of the same count and balance is comparable with a model's FD. Drawn without
+    replacement, a draw is an i.i.d. sample of the data distribution: the mean is what a model
+    that samples the data distribution exactly scores in expectation. It is no strict lower
+    bound: one draw varies by about `fd_real_std`, and so does a model's FD. With replacement
+    (`fd_real_replace`) where the training examples (of a class) are fewer than needed; then the
+    duplicates raise it.
+
+    Returns {fd_real (mean over draws), fd_real_std (one draw's spread; draws share
+    `train_feats`, so it understates a fresh draw's when `num` nears their count),
+    fd_real_std_err (of the mean), fd_real_draws, fd_real_replace}."""
+    if draws < 2:
+        raise ValueError(f"draws={draws}: a spread needs at least 2 draws")
+    if class_counts is None:
+        groups, counts = [np.arange(len(train_feats))], [num]
+    else:
+        labels = np.asarray(train_labels)
+        groups = [np.flatnonzero(labels == k) for k in range(len(class_counts))]
+        counts = [int(c) for c in class_counts]
+        if sum(counts) != num:
+            raise ValueError(f"class_counts add up to {sum(counts)}, not num={num}")
+        empty = [k for k, (g, c) in enumerate(zip(groups, counts)) if c and not len(g)]
+        if empty:
+            raise ValueError(f"no training examples of class {empty[0]} to draw from")
+    replace = [c > len(g) for g, c in zip(groups, counts)]
+    rng = np.random.default_rng(seed)
+    fds = []
+    for _ in range(draws):
+        rows = np.concatenate([rng.choice(g, c, replace=r)
+                               for g, c, r in zip(groups, counts, replace)])
+        fds.append(metrics_lib.frechet_distance(train_feats[rows], real_feats))
+    std = float(np.std(fds, ddof=1))
+    return {"fd_real": float(np.mean(fds)), "fd_real_std": std,
+            "fd_real_std_err": std / math.sqrt(draws), "fd_real_draws": draws,
+            "fd_real_replace": any(replace)}
 
 
 _calls = []  # run-time model calls of `_stand_in`, appended by its host callback
