@@ -55,7 +55,7 @@ CLI = [
     pytest.param(["train", CFG], {}, "train needs --config=<file> and --workdir=<dir>",
                  id="missing-workdir"),
     pytest.param(["train", CFG, "W", "--config.model.name=resnet"], {},
-                 "model 'resnet' is unknown; allowed: unet, dit, mlp", id="unknown-model"),
+                 "'resnet' is unknown; allowed: unet, dit, mlp", id="unknown-model"),
     pytest.param(["train", CFG, "W", "--config.data.name=mnist3"], {},
                  "Unknown dataset 'mnist3'", id="unknown-dataset"),
     pytest.param(["train", CFG, "W", "--config.data.batch_size=0"], {},

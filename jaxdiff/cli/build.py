@@ -37,7 +37,8 @@ def model(cfg):
     kw = dict(cfg.model)
     name = kw.pop("name")
     shape = data_info(cfg)["shape"]
-    image_size = tuple(shape[:2]) if len(shape) == 3 else None  # vectors have no image size
+    checks = hasattr(models.MODELS.get(name), "check_image_size")  # the MLP takes vectors
+    image_size = tuple(shape[:2]) if len(shape) == 3 and checks else None
     return models.build(name, image_size=image_size, **kw)
 
 

@@ -1,8 +1,317 @@
-"""Checks a whole config before anything is written or trained (filled in by the CLI work)."""
+"""Checks a whole config before anything is written or trained.
+
+Every setting that would otherwise fail late (at the first sampling, inside Flax) or train
+silently wrong becomes one ValueError line naming the key, the bad value and what is allowed,
+e.g. `optim.lr=-0.001 must be a finite number > 0`. The checks are cheap: the model is traced
+with `jax.eval_shape` (no parameter is allocated) and sampling is traced up to the first network
+call. Checks that depend on the machine (mesh sizes against the devices, the batch against the
+processes) stay where the run builds its mesh and data.
+"""
 
 from __future__ import annotations
+
+import inspect
+import math
+import numbers
+
+import jax
+import numpy as np
+
+from jaxdiff import faults, losses, parallel, samplers, schedules
+from jaxdiff import train as train_lib
+from jaxdiff.cli import build
+from jaxdiff.denoiser import PREDICTIONS
+from jaxdiff.guidance import CFG
+
+SECTIONS = ("model", "process", "loss", "sampler", "optim", "data", "train", "eval", "mesh")
+KEYS = {  # the sections with a fixed set of keys (model and process fields depend on the name)
+    "loss": ("prediction", "weighting", "time_sampling", "p_uncond"),
+    "sampler": ("name", "steps", "schedule", "guidance", "options"),
+    "optim": ("lr", "warmup_steps", "schedule", "weight_decay", "grad_clip", "ema_decays"),
+    "data": ("name", "batch_size", "random_flip", "data_dir", "latent_shape"),
+    "train": ("steps", "seed", "log_every", "ckpt_every", "keep", "sample_every", "num_samples",
+              "skip_nonfinite"),
+    "mesh": tuple(parallel.AXES),
+}
+OPTIONAL = {"data.latent_shape", "train.skip_nonfinite", "mesh.data", "mesh.fsdp", "mesh.tensor",
+            "eval"}
+LR_SCHEDULES = ("cosine", "constant")  # jaxdiff.train.make_optimizer
+# model keys that decide whether a model can take the data's shape, named in that error
+SHAPE_KEYS = ("preset", "channels", "channel_mult", "attn_resolutions", "norm_groups",
+              "num_heads", "patch_size", "hidden_size", "width")
 
 
 def check_config(config):
     """Raises ValueError (one line, naming the key, the bad value and what is allowed) for any
     setting that would fail or silently misbehave later in training or sampling."""
+    _check_structure(config)
+    _check_values(config)
+    c = config.train
+    faults.check_loop(total_steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every,
+                      keep=c.keep, sample_every=c.sample_every)
+    _check_optim(config)
+    _check_mesh(config)
+    info = _check_data(config)
+    process = _check_process(config)
+    _check_classes(config, info)
+    _check_sampler(config, process, info["shape"])
+    _check_model(config, info["shape"])
+
+
+def _check_structure(config):
+    """Sections present and known; the fixed sections hold exactly their known keys."""
+    unknown = sorted(set(config) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"config section {unknown[0]!r} is unknown; allowed: "
+                         f"{', '.join(SECTIONS)}")
+    for section in SECTIONS:
+        if section not in config and section not in OPTIONAL:
+            raise ValueError(f"config section {section!r} is missing")
+    for section in ("model", "process"):
+        if "name" not in config[section]:
+            raise ValueError(f"{section}.name is missing")
+    for section, keys in KEYS.items():
+        if section not in config:
+            continue
+        unknown = sorted(set(config[section]) - set(keys))
+        if unknown:
+            raise ValueError(f"{section}.{unknown[0]} is not a config key; allowed in "
+                             f"{section}: {', '.join(keys)}")
+        missing = [k for k in keys if k not in config[section]
+                   and f"{section}.{k}" not in OPTIONAL]
+        if missing:
+            raise ValueError(f"{section}.{missing[0]} is missing (the {section} section needs "
+                             f"{', '.join(k for k in keys if f'{section}.{k}' not in OPTIONAL)})")
+
+
+def _number(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _one_of(allowed):
+    """A rule: one of the names `allowed`."""
+    allowed = tuple(allowed)
+    return (lambda v: isinstance(v, str) and v in allowed,
+            f"is unknown; allowed: {', '.join(allowed)}")
+
+
+RULES = {  # key: (test, what is allowed); a key missing from the config is not checked here
+    "optim.lr": (lambda v: _number(v) and v > 0, "must be a finite number > 0"),
+    "optim.weight_decay": (lambda v: _number(v) and v >= 0, "must be a finite number >= 0"),
+    "optim.grad_clip": (lambda v: v is None or (_number(v) and v >= 0),
+                        "must be a finite number >= 0 (0 or None: no clipping)"),
+    "optim.schedule": _one_of(LR_SCHEDULES),
+    "loss.prediction": _one_of(PREDICTIONS),
+    "loss.weighting": _one_of(losses.WEIGHTINGS),
+    "loss.time_sampling": _one_of(losses.TIME_SAMPLINGS),
+    "loss.p_uncond": (lambda v: _number(v) and 0 <= v <= 1, "must be a probability in [0, 1]"),
+    "train.seed": (lambda v: _integer(v) and 0 <= v < 2**32, "must be an integer in [0, 2**32)"),
+    "train.num_samples": (lambda v: _integer(v) and v >= 1, "must be an integer >= 1"),
+    "train.skip_nonfinite": (lambda v: isinstance(v, bool), "must be True or False"),
+    "data.random_flip": (lambda v: isinstance(v, bool), "must be True or False"),
+    "sampler.name": _one_of(sorted(samplers.SAMPLERS)),
+    "sampler.steps": (lambda v: _integer(v) and v >= 1, "must be an integer >= 1"),
+    "sampler.schedule": (lambda v: v is None or (isinstance(v, str) and v in schedules.SCHEDULES),
+                         f"is unknown; allowed: None (the process's default) or one of "
+                         f"{', '.join(schedules.SCHEDULES)}"),
+    "sampler.guidance": (lambda v: _number(v) and v >= 0,
+                         "must be a finite number >= 0 (1 = no guidance)"),
+    "sampler.options": (lambda v: hasattr(v, "keys"), "must be a dict of sampler options"),
+    "model.num_classes": (lambda v: _integer(v) and v >= 0,
+                          "must be an integer >= 0 (0 = unconditional)"),
+}
+
+
+def _check_values(config):
+    """The single-key rules of `RULES`."""
+    for key, (ok, allowed) in RULES.items():
+        section, name = key.split(".")
+        if section in config and name in config[section]:
+            value = config[section][name]
+            if not ok(value):
+                raise ValueError(f"{key}={value!r} {allowed}")
+
+
+def _check_optim(config):
+    """Warmup inside the run and EMA decays; then the optimizer builds as the run builds it."""
+    o, steps = config.optim, config.train.steps
+    if not (_integer(o.warmup_steps) and 0 <= o.warmup_steps < steps):
+        raise ValueError(f"optim.warmup_steps={o.warmup_steps!r} must be in [0, total_steps="
+                         f"{steps}) (an integer below train.steps)")
+    decays = o.ema_decays
+    if (isinstance(decays, str) or not hasattr(decays, "__len__") or not decays
+            or not all(_number(d) and 0 <= d < 1 for d in decays)):
+        shown = tuple(decays) if isinstance(decays, list) else decays
+        raise ValueError(f"optim.ema_decays={shown!r} must be a non-empty list of EMA decays, "
+                         "each in [0, 1)")
+    build.optimizer(config)
+
+
+def _check_mesh(config):
+    """Mesh sizes as `jaxdiff.parallel.make_mesh` takes them; whether they fit the devices is
+    checked where the run builds its mesh (it depends on the machine)."""
+    sizes = dict(config.get("mesh", {}))
+    for name, size in sizes.items():
+        if not _integer(size) or (size < 1 and size != -1):
+            raise ValueError(f"mesh.{name}={size!r} is not a mesh size; allowed: an integer >= 1 "
+                             "or -1 (the rest of the devices)")
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"mesh {sizes}: at most one axis may be -1 (the rest)")
+
+
+def _check_data(config):
+    """The dataset's info (known name, fixed example shape); random flips only for images."""
+    d = config.data
+    if not (_integer(d.batch_size) and d.batch_size >= 1):
+        raise ValueError(f"data.batch_size must be positive, got {d.batch_size!r} (the global "
+                         "batch: an integer >= 1)")
+    try:
+        info = build.data_info(config)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"data.name={d.name!r}: {_line(e)}") from None
+    shape = tuple(info["shape"])
+    if any(s is None for s in shape):
+        raise ValueError(f"data.name={d.name!r} has images of varying size (shape {shape}); "
+                         "training needs a dataset of one image size")
+    if d.random_flip and len(shape) != 3:
+        raise ValueError(f"data.random_flip=True does not apply to {d.name!r}: its examples are "
+                         f"vectors of shape {shape}, not images; allowed: False")
+    if d.random_flip and d.name.startswith("digits"):
+        raise ValueError(f"data.random_flip=True mirrors {d.name!r} (a mirrored digit is not a "
+                         "digit); allowed: False")
+    return dict(info, shape=shape)
+
+
+def _check_process(config):
+    """The process as the run builds it, and the loss's prediction against it."""
+    try:
+        process = build.process(config)
+    except (ValueError, TypeError) as e:
+        line = _line(e)
+        raise ValueError(line if line.startswith("process.") else
+                         f"process (name={config.process.name!r}): {line}") from None
+    if config.loss.prediction == "edm" and not hasattr(process, "sigma_data"):
+        raise ValueError(f"loss.prediction='edm' needs a process with sigma_data (edm); "
+                         f"process.name={config.process.name!r} has none")
+    return process
+
+
+def _check_classes(config, info):
+    """model.num_classes against the dataset's labels, and classifier-free guidance."""
+    K, name, g = _classes(config), config.data.name, config.sampler.guidance
+    labels = info["num_classes"]
+    if K and labels == 1:
+        raise ValueError(f"model.num_classes={K} but data.name={name!r} has no labels; "
+                         "allowed: 0 (unconditional)")
+    if K and K != labels:
+        raise ValueError(f"model.num_classes={K} does not match the {labels} classes of "
+                         f"data.name={name!r}; allowed: 0 (unconditional) or {labels}")
+    if not K and g != 1:
+        raise ValueError(f"sampler.guidance={g!r} needs a class-conditional model "
+                         "(model.num_classes=0 here); allowed: 1.0 (no guidance)")
+    if K and g != 1 and config.loss.p_uncond == 0:
+        raise ValueError(f"sampler.guidance={g!r} needs the unconditional model that "
+                         "loss.p_uncond=0 never trains; set loss.p_uncond > 0 (e.g. 0.1) or "
+                         "sampler.guidance=1.0")
+    drop = config.model.get("class_dropout_prob", 0.1)  # DiT's default
+    if K and config.model.name == "dit" and drop == 0:
+        raise ValueError(f"model.class_dropout_prob={drop!r} leaves a class-conditional DiT "
+                         "without the null label that sampling (classifier-free guidance) and "
+                         "loss.p_uncond use; allowed: a value in (0, 1), e.g. 0.1")
+
+
+def _classes(config):
+    return int(config.model.get("num_classes", 0) or 0)
+
+
+class _Reached(Exception):
+    """Raised by the stand-in network: sampling was set up and reached the first model call."""
+
+
+def _stand_in(x, t, *args):
+    raise _Reached
+
+
+def _check_sampler(config, process, shape):
+    """The sampler's options, then sampling traced as the run samples, up to the first network
+    call (the schedule's grid for this process and the sampler's own argument checks)."""
+    s = config.sampler
+    params = inspect.signature(samplers.get(s.name)).parameters
+    allowed = [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY and p != "key"]
+    unknown = sorted(set(s.options) - set(allowed))
+    if unknown:
+        raise ValueError(f"sampler.options.{unknown[0]} is not an option of sampler "
+                         f"{s.name!r}; allowed: {', '.join(allowed) or 'none'}")
+    K = _classes(config)
+    guide = None if not K else CFG(scale=s.guidance, y=np.zeros(1, np.int32),
+                                   y_null=np.full(1, K, np.int32))
+    try:
+        _sample(config, process, shape, guide)
+    except _Reached:
+        return
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"sampler.name={s.name!r} with sampler.steps={s.steps!r}, "
+                         f"sampler.schedule={s.schedule!r}, sampler.options={dict(s.options)!r} "
+                         f"and process.name={config.process.name!r}: {_line(e)}") from None
+
+
+def _sample(config, process, shape, guidance):
+    import jaxdiff
+
+    s = config.sampler
+    jaxdiff.sample(_stand_in, np.zeros((1,) + tuple(shape), np.float32), process=process,
+                   prediction=config.loss.prediction, sampler=s.name, steps=s.steps,
+                   schedule=s.schedule, key=jax.random.key(0), guidance=guidance,
+                   **dict(s.options))
+
+
+def _check_model(config, shape):
+    """The model's fields, then its init traced (`jax.eval_shape`) on one example of the data."""
+    from jaxdiff import models
+
+    m = config.model
+    if m.name not in models.MODELS:
+        raise ValueError(f"model.name={m.name!r} is unknown; allowed: {', '.join(models.MODELS)}")
+    try:
+        models.build(m.name, **{k: v for k, v in m.items() if k != "name"})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model (name={m.name!r}): {_line(e)}") from None
+    images = len(shape) == 3
+    if images == (m.name == "mlp"):
+        takes = "vectors (the 2-D toy sets)" if m.name == "mlp" else "images (H, W, C)"
+        raise ValueError(f"model.name={m.name!r} takes {takes}, but data.name="
+                         f"{config.data.name!r} has examples of shape {shape}")
+    _check_attention(config, shape)
+    try:
+        model = build.model(config)
+        tx, _ = build.optimizer(config)
+        train_lib.abstract_state(model, tx, x_shape=shape, num_classes=_classes(config),
+                                 ema_decays=(0.0,))
+    except Exception as e:  # any failure here means: this model cannot take this data
+        keys = ", ".join(f"model.{k}={m[k]!r}" for k in SHAPE_KEYS if k in m)
+        raise ValueError(f"model.name={m.name!r} ({keys}) cannot take data.name="
+                         f"{config.data.name!r} of shape {shape}: {_line(e)}") from None
+
+
+def _check_attention(config, shape):
+    """UNet attention only at feature-map heights the network reaches, else it is silently off."""
+    m = config.model
+    if m.name != "unet" or "attn_resolutions" not in m or len(shape) != 3:
+        return
+    mult = tuple(m.get("channel_mult", (1,)))
+    reached = [shape[0] // 2**level for level in range(len(mult))]
+    missed = [r for r in m.attn_resolutions if r not in reached]
+    if missed:
+        raise ValueError(f"model.attn_resolutions={tuple(m.attn_resolutions)!r}: {missed[0]} is "
+                         f"not a feature-map height of this UNet on {shape[0]}x{shape[1]} images "
+                         f"with channel_mult={mult}; allowed: heights in {tuple(reached)}")
+
+
+def _line(e):
+    """The first non-empty line of an error, for a one-line message."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

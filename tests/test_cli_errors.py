@@ -1,0 +1,208 @@
+"""Every `jaxdiff` failure is one line: each bad invocation below exits non-zero with exactly one
+line on stderr that names the offending value (no traceback), and creates or changes nothing
+in the sandbox or in the trained run it points at."""
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+TINY = [  # a toy run that trains in seconds
+    "--config=configs/toy2d.py", "--config.model.width=16", "--config.model.depth=1",
+    "--config.data.batch_size=16", "--config.optim.warmup_steps=1", "--config.train.steps=2",
+    "--config.train.ckpt_every=2", "--config.train.log_every=1", "--config.train.sample_every=0",
+    "--config.train.num_samples=16", "--config.sampler.steps=2",
+]
+HUGE = 10**13  # samples or examples: petabytes, more than any host or device has
+FILES = {  # the sandbox: broken config files and broken runs
+    "syntax.py": "def get_config(:\n",
+    "noget.py": "x = 1\n",
+    "raises.py": "def get_config():\n    raise RuntimeError('boom')\n",
+    "afile": "not a directory\n",
+    "truncated/config.json": '{"model": {"name": "mlp", "wid',
+    "notarun/config.json": "[1, 2, 3]\n",
+}
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "jaxdiff.cli", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny trained toy run (unconditional), shared by the rows that read a run."""
+    workdir = tmp_path_factory.mktemp("clierr") / "run"
+    out = _cli("train", *TINY, f"--workdir={workdir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return str(workdir)
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    for name, text in FILES.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return str(tmp_path)
+
+
+def _tree(*roots):
+    """{path: sha256} of every file and directory under `roots`."""
+    found = {}
+    for root in roots:
+        for d, dirs, files in os.walk(root):
+            found[d] = "dir"
+            for f in files:
+                with open(os.path.join(d, f), "rb") as fh:
+                    found[os.path.join(d, f)] = hashlib.sha256(fh.read()).hexdigest()
+    return found
+
+
+T = "train", "--config=configs/toy2d.py"
+# (args, text the one line must contain: the offending value and what is allowed);
+# {S}: the sandbox, {R}: the trained run
+CASES = [
+    pytest.param(["train", "--config={S}/nope.py", "--workdir={S}/w"],
+                 "--config={S}/nope.py: no such file; expected a Python file", id="config-missing"),
+    pytest.param(["train", "--config={S}", "--workdir={S}/w"],
+                 "--config={S} is a directory; expected a Python file", id="config-directory"),
+    pytest.param(["train", "--config={S}/syntax.py", "--workdir={S}/w"],
+                 "--config={S}/syntax.py: syntax error at line 1", id="config-syntax-error"),
+    pytest.param(["train", "--config={S}/noget.py", "--workdir={S}/w"],
+                 "--config={S}/noget.py has no get_config()", id="config-no-get-config"),
+    pytest.param(["train", "--config={S}/raises.py", "--workdir={S}/w"],
+                 "--config={S}/raises.py: loading it failed: RuntimeError: boom",
+                 id="config-get-config-raises"),
+    pytest.param([*T, "--workdir={S}/afile"], "--workdir={S}/afile is a file; expected a run "
+                 "directory", id="workdir-is-a-file"),
+    pytest.param([*T, "--workdir={S}/afile/run"], "--workdir={S}/afile/run: {S}/afile is a "
+                 "file, not a directory", id="workdir-under-a-file"),
+    pytest.param([*T, "--workdir={S}/w", f"--config.data.batch_size={HUGE}"],
+                 f"--config.data.batch_size={HUGE}: a training batch would take at least",
+                 id="train-batch-too-large"),
+    pytest.param(["sample", "--workdir={R}", "--smaples=3"],
+                 "Unknown command line flag 'smaples'. Did you mean: sampler", id="unknown-flag"),
+    pytest.param(["smaple", "--workdir={R}"], "got 'smaple'; did you mean sample?",
+                 id="unknown-command"),
+    pytest.param(["sample", "--workdir={R}", "--out={S}/missing/grid.png"],
+                 "--out={S}/missing/grid.png: the directory {S}/missing does not exist",
+                 id="out-missing-directory"),
+    pytest.param(["sample", "--workdir={R}", "--out={S}/afile/grid.png"],
+                 "--out={S}/afile/grid.png: {S}/afile is a file", id="out-under-a-file"),
+    pytest.param(["sample", "--workdir={R}", "--out={S}/grid.jpg"],
+                 "--out={S}/grid.jpg: sample writes .png files; allowed: a name ending in .png",
+                 id="out-not-png"),
+    pytest.param(["sample", "--workdir={R}", f"--num={HUGE}"],
+                 f"--num={HUGE}: the samples would take at least", id="sample-num-too-large"),
+    pytest.param(["sample", "--workdir={R}", "--num=0"], "--num=0 must be a positive number",
+                 id="sample-num-zero"),
+    pytest.param(["sample", "--workdir={R}", "--seed=-1"], "--seed=-1 must be an integer in [0,",
+                 id="sample-seed-negative"),
+    pytest.param(["sample", "--workdir={R}", "--guidance=2"], "--guidance=2.0: this model is "
+                 "unconditional (model.num_classes=0", id="sample-guidance-unconditional"),
+    pytest.param(["sample", "--workdir={R}", "--class=1"], "--class=1: this model is "
+                 "unconditional", id="sample-class-unconditional"),
+    pytest.param(["eval", "--workdir={R}", "--guidance=3", "--num=10"], "--guidance=3.0: this "
+                 "model is unconditional", id="eval-guidance-unconditional"),
+    pytest.param(["eval", "--workdir={R}", "--steps=0"], "--steps=0 must be a positive integer",
+                 id="eval-steps-zero"),
+    pytest.param(["sample", "--workdir={S}/truncated"], "{S}/truncated/config.json is not valid "
+                 "JSON", id="config-json-truncated"),
+    pytest.param(["plot", "--workdir={S}/notarun"], "{S}/notarun/config.json is not a jaxdiff "
+                 "run config", id="config-json-not-a-config"),
+    pytest.param(["sample", "--workdir={S}/afile"], "--workdir={S}/afile is a file",
+                 id="sample-workdir-is-a-file"),
+]
+
+
+@pytest.mark.parametrize("args,expected", CASES)
+def test_failure_is_one_line_and_changes_nothing(request, sandbox, args, expected):
+    where = {"S": sandbox}
+    if any("{R}" in a for a in args):
+        where["R"] = request.getfixturevalue("run")
+    roots = list(where.values())
+    before = _tree(*roots)
+    out = _cli(*[a.format(**where) for a in args])
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0, out.stdout[-1000:]
+    assert len(lines) == 1 and expected.format(**where) in lines[0], out.stderr[-3000:]
+    assert lines[0].startswith("jaxdiff"), lines
+    assert _tree(*roots) == before, "a failed command created or changed files"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only directories")
+def test_out_in_read_only_directory(run, tmp_path):
+    tmp_path.chmod(0o555)
+    try:
+        out = _cli("sample", f"--workdir={run}", f"--out={tmp_path}/grid.png")
+    finally:
+        tmp_path.chmod(0o755)
+    assert out.returncode != 0 and f"the directory {tmp_path} is not writable" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)
+
+
+def test_unwritable_directory_is_refused(monkeypatch, tmp_path):
+    """What the read-only test checks, where permission bits do not apply (as root)."""
+    from jaxdiff import cli
+
+    monkeypatch.setattr(os, "access", lambda *args: False)
+    with pytest.raises(ValueError, match="is not writable; allowed: a directory"):
+        cli._check_writable("--out", f"{tmp_path}/grid.png", str(tmp_path), create=False)
+    with pytest.raises(ValueError, match=re.escape(f"--workdir={tmp_path}/run: the directory")):
+        cli._check_writable("--workdir", f"{tmp_path}/run", f"{tmp_path}/run")
+
+
+def test_memory_check_names_the_flag_and_the_limit(monkeypatch):
+    from ml_collections import ConfigDict
+
+    from jaxdiff import cli
+
+    config = ConfigDict({"data": {"name": "moons", "data_dir": None}})
+    monkeypatch.setattr(cli, "_memory_limit", lambda: (10 * 2**30, "2 gpu device(s)"))
+    cli._check_memory("--num", 10**8, config, "the samples")  # 3 GiB: fits
+    with pytest.raises(ValueError) as e:
+        cli._check_memory("--num", 10**9, config, "the samples")
+    assert str(e.value).startswith("--num=1000000000: the samples would take at least 29.8 GiB")
+    assert "more than the 10 GiB available on 2 gpu device(s)" in str(e.value)
+    assert cli._host_available() > 0
+
+
+def _launch(tmp_path, python, *args):
+    env = dict(ENV, PYTHON=python)
+    return subprocess.run(["bash", "launch/local.sh", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_local_sh_names_the_python_without_jaxdiff(tmp_path):
+    bare = tmp_path / "python"  # the same interpreter, without site-packages nor the checkout
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")
+    bare.chmod(0o755)
+    out = _launch(tmp_path, str(bare), "2", "train", "--config=configs/toy2d.py")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        f"launch/local.sh: error: {bare} cannot import jaxdiff; point PYTHON at an environment "
+        f"that has it, e.g. PYTHON={ROOT}/.venv/bin/python launch/local.sh 2 train "
+        "--config=configs/toy2d.py"]
+    out = _launch(tmp_path, sys.executable, "two", "train")
+    assert out.returncode == 2 and out.stderr.startswith("launch/local.sh: error: N=two must be")
+
+
+def test_device_out_of_memory_while_sampling_names_num():
+    from jaxdiff import cli
+
+    error = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB.\n"
+                         "BufferAssignment OOM Debugging.\n...")
+    cli.FLAGS.unparse_flags()
+    try:
+        cli.FLAGS(["jaxdiff", "--num=5000"])
+        message = cli._oom_message("sample", error)
+        assert cli._oom_message("eval sweep", ValueError("x")) is None
+    finally:
+        cli.FLAGS.unparse_flags()
+    assert message.startswith("out of memory on ") and "\n" not in message
+    assert "allocate 8.00GiB" in message and message.endswith("use a smaller --num (now 5000)")
