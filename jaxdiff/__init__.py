@@ -5,7 +5,7 @@ pure functions over arrays; `sample` composes it into one call.
 """
 
 from jaxdiff import schedules
-from jaxdiff.denoiser import denoiser
+from jaxdiff.denoiser import Stateful, denoiser
 from jaxdiff.process import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.sampling import sample
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EDM",
     "SAMPLERS",
+    "Stateful",
     "VE",
     "DiscreteVP",
     "RectifiedFlow",

@@ -8,6 +8,12 @@ the functions; `jaxdiff.sample(..., guidance=CFG(scale, y, y_null))` applies the
 compiled program. Scales, noise levels and label arrays are pytree leaves, so changing them
 reuses the compiled program; choices (strings) are static.
 
+Stateful denoisers (`jaxdiff.denoiser.Stateful`): every transform takes a plain or a stateful
+denoiser, `D(x, sigma, *args, state) -> (x0, state)`, and returns the same kind, passing the state
+through each model call once: CFG's batched call on [x; x] (batch 2B) and, outside a guidance
+interval or past adaptive guidance's stop, the conditional call on x (batch B). Both branches must
+give back the same shapes: a cache of 2B rows updates its first B (conditional) rows there.
+
 Methods and sources:
   cfg                  classifier-free guidance, Ho & Salimans 2022, Eq. 6 (w shifted by 1):
                        D' = D_u + w (D_c - D_u); optional CFG-rescale, Lin et al. 2024, Eq. 15-16.
@@ -27,13 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.denoiser import check_prediction, expand_like
+from jaxdiff.denoiser import NO_STATE, Stateful, check_prediction, expand_like, lift, lower
 from jaxdiff.denoiser import denoiser as make_denoiser
 from jaxdiff.process import check_values, concrete_float, pytree_dataclass, short_repr
 
 
-def _cond_uncond(D, x, sigma, y, y_null):
-    """D(x, sigma, y) and D(x, sigma, y_null) from ONE network call on the batch [x; x].
+def _cond_uncond(D, x, sigma, y, y_null, state=NO_STATE):
+    """D(x, sigma, y) and D(x, sigma, y_null) from ONE network call on the batch [x; x], and the
+    state that call returns (D lifted: `jaxdiff.denoiser.lift`).
 
     `y` is an array (or pytree of arrays) with x's batch size; `y_null` has y's structure with
     leaves that broadcast to y's (e.g. one null class index). A per-sample sigma of shape (B,)
@@ -46,13 +53,14 @@ def _cond_uncond(D, x, sigma, y, y_null):
         c = jnp.asarray(c)
         return jnp.concatenate([c, jnp.broadcast_to(jnp.asarray(u, c.dtype), c.shape)])
 
-    out = D(jnp.concatenate([x, x]), sigma2, jax.tree.map(stack, y, y_null))
-    return out[:b], out[b:]
+    out, state = D(jnp.concatenate([x, x]), sigma2, jax.tree.map(stack, y, y_null), state)
+    return out[:b], out[b:], state
 
 
 def _bind(D, *args):
-    """The denoiser D(x, sigma, *args) with its extra arguments fixed."""
-    return lambda x, sigma: D(x, sigma, *args)
+    """The denoiser D(x, sigma, *args) with its extra arguments fixed (stateful or not)."""
+    fn, init = lift(D)
+    return lower(lambda x, sigma, state: fn(x, sigma, *args, state), init)
 
 
 def cfg(D, scale, y, y_null, rescale=0.0):
@@ -65,13 +73,14 @@ def cfg(D, scale, y, y_null, rescale=0.0):
     x0, eps, v and score, so mixing denoiser outputs equals mixing eps- or v-predictions.
     `rescale` (phi) is CFG-rescale, applied here in the x0 (denoiser) space; see `cfg_rescale`.
     w = 1 gives the conditional denoiser, w = 0 the unconditional one."""
+    fn, init = lift(D)
 
-    def guided(x, sigma):
-        d_c, d_u = _cond_uncond(D, x, sigma, y, y_null)
+    def guided(x, sigma, state):
+        d_c, d_u, state = _cond_uncond(fn, x, sigma, y, y_null, state)
         w = jnp.asarray(scale, x.dtype)
-        return cfg_rescale(d_u + w * (d_c - d_u), d_c, rescale)
+        return cfg_rescale(d_u + w * (d_c - d_u), d_c, rescale), state
 
-    return guided
+    return lower(guided, init)
 
 
 def cfg_rescale(x0_cfg, x0_cond, phi):
@@ -97,17 +106,26 @@ def guidance_interval(D_guided, D_plain, sigma_lo, sigma_hi):
     For CFG, D_plain is the conditional denoiser (guidance weight 1 outside the interval). With a
     scalar sigma (what samplers pass) a `lax.cond` runs only the chosen branch, so the skipped
     unconditional pass costs nothing; under `vmap`, or with a per-sample sigma of shape (B,),
-    both branches run and the result is selected per sample."""
+    both branches run and the result is selected per sample.
 
-    def D(x, sigma, *args):
+    Stateful: the two denoisers share one state (two uses of one network; D_guided's initial
+    state is used), which the branch taken passes through; when both run, it goes through
+    D_guided, then D_plain."""
+    guided_fn, init = lift(D_guided)
+    plain_fn, plain_init = lift(D_plain)
+    init = plain_init if init is NO_STATE else init
+
+    def D(x, sigma, *args_state):
+        *args, state = args_state
         sigma = jnp.asarray(sigma, x.dtype)
         inside = (sigma > sigma_lo) & (sigma <= sigma_hi)
         if sigma.ndim == 0:
-            return jax.lax.cond(inside, D_guided, D_plain, x, sigma, *args)
-        guided, plain = D_guided(x, sigma, *args), D_plain(x, sigma, *args)
-        return jnp.where(expand_like(inside, x), guided, plain)
+            return jax.lax.cond(inside, guided_fn, plain_fn, x, sigma, *args, state)
+        guided, state = guided_fn(x, sigma, *args, state)
+        plain, state = plain_fn(x, sigma, *args, state)
+        return jnp.where(expand_like(inside, x), guided, plain), state
 
-    return D
+    return lower(D, init)
 
 
 def adaptive_cfg(D, scale, y, y_null, sigma_stop, rescale=0.0):
@@ -115,10 +133,11 @@ def adaptive_cfg(D, scale, y, y_null, sigma_stop, rescale=0.0):
     conditional pass alone (1 NFE instead of 2).
 
     The paper's policy stops guiding, online and per sample, once the conditional and
-    unconditional predictions agree (their cosine similarity passes a threshold). A denoiser is a
-    pure function of (x, sigma) and carries no state between steps, so here the switch is a fixed
-    noise level, found offline by `calibrate_adaptive` on a few draws; the policy is the paper's,
-    the online per-sample decision is replaced by this calibrated one."""
+    unconditional predictions agree (their cosine similarity passes a threshold). A plain denoiser
+    carries no state between steps (a `Stateful` one could carry that decision; not done here),
+    so here the switch is a fixed noise level, found offline by `calibrate_adaptive` on a few
+    draws; the policy is the paper's, the online per-sample decision is replaced by this
+    calibrated one."""
     return guidance_interval(cfg(D, scale, y, y_null, rescale), _bind(D, y), sigma_stop, jnp.inf)
 
 
@@ -134,14 +153,16 @@ def calibrate_adaptive(D, x, sigmas, y, y_null, scale, threshold=0.99):
     one entry per step. Pass sigma_stop to `adaptive_cfg` / `AdaptiveCFG`."""
     _check_range("threshold", threshold, -1.0, 1.0)
     sigmas = jnp.asarray(sigmas, x.dtype)
+    fn, state = lift(D)  # a stateful D's state is threaded through the run, then dropped
 
-    def step(x, i):
+    def step(carry, i):
+        x, state = carry
         s, s_next = sigmas[i], sigmas[i + 1]
-        d_c, d_u = _cond_uncond(D, x, s, y, y_null)
+        d_c, d_u, state = _cond_uncond(fn, x, s, y, y_null, state)
         x0 = d_u + jnp.asarray(scale, x.dtype) * (d_c - d_u)
-        return x0 + (s_next / s) * (x - x0), jnp.min(_cosine(d_c, d_u))
+        return (x0 + (s_next / s) * (x - x0), state), jnp.min(_cosine(d_c, d_u))
 
-    _, similarity = jax.lax.scan(step, x, jnp.arange(sigmas.shape[0] - 1))
+    _, similarity = jax.lax.scan(step, (x, state), jnp.arange(sigmas.shape[0] - 1))
     agree = similarity >= threshold
     sigma_stop = jnp.where(jnp.any(agree), sigmas[jnp.argmax(agree)], 0.0)
     return sigma_stop, similarity
@@ -156,13 +177,23 @@ def _cosine(a, b):
 
 def autoguidance(D_main, D_weak, scale):
     """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself",
-    Eq. 1): D' = D_weak + w (D_main - D_weak), both denoisers called with the same arguments."""
+    Eq. 1): D' = D_weak + w (D_main - D_weak), both denoisers called with the same arguments.
 
-    def D(x, sigma, *args):
-        d_w = D_weak(x, sigma, *args)
-        return d_w + jnp.asarray(scale, x.dtype) * (D_main(x, sigma, *args) - d_w)
+    Stateful: the state of the one stateful denoiser passes through both calls (the plain one
+    leaves it untouched); when both are stateful it is the pair (weak's, main's)."""
+    weak_fn, weak_init = lift(D_weak)
+    main_fn, main_init = lift(D_main)
+    both = weak_init is not NO_STATE and main_init is not NO_STATE
 
-    return D
+    def D(x, sigma, *args_state):
+        *args, state = args_state
+        s_w, s_m = state if both else (state, None)
+        d_w, s_w = weak_fn(x, sigma, *args, s_w)
+        d_m, s_m = main_fn(x, sigma, *args, s_m if both else s_w)
+        return d_w + jnp.asarray(scale, x.dtype) * (d_m - d_w), (s_w, s_m) if both else s_m
+
+    init = (weak_init, main_init) if both else (main_init if weak_init is NO_STATE else weak_init)
+    return lower(D, init)
 
 
 def classifier_guidance(D, log_prob_fn, scale):
@@ -173,12 +204,14 @@ def classifier_guidance(D, log_prob_fn, scale):
     score = (D - x) / sigma^2 (Tweedie) the guided denoiser is x + sigma^2 (guided score), i.e.
     D' = D + w sigma^2 grad_x log p(y | x)."""
     grad = jax.grad(lambda x, sigma: jnp.sum(log_prob_fn(x, sigma)))
+    fn, init = lift(D)
 
-    def guided(x, sigma, *args):
+    def guided(x, sigma, *args_state):
         s2 = jnp.square(expand_like(jnp.asarray(sigma, x.dtype), x))
-        return D(x, sigma, *args) + jnp.asarray(scale, x.dtype) * s2 * grad(x, sigma)
+        x0, state = fn(x, sigma, *args_state)
+        return x0 + jnp.asarray(scale, x.dtype) * s2 * grad(x, sigma), state
 
-    return guided
+    return lower(guided, init)
 
 
 def dynamic_threshold(D, percentile=0.995, max_value=1.0):
@@ -186,14 +219,15 @@ def dynamic_threshold(D, percentile=0.995, max_value=1.0):
     diffusers' `_threshold_sample`: per sample s = clip(quantile(|x0|, percentile), 1, max_value),
     then x0 <- clip(x0, -s, s) / s. For data scaled to [-1, 1]."""
     _check_range("percentile", percentile, 0.0, 1.0)
+    fn, init = lift(D)
 
-    def thresholded(x, sigma, *args):
-        x0 = D(x, sigma, *args)
+    def thresholded(x, sigma, *args_state):
+        x0, state = fn(x, sigma, *args_state)
         q = jnp.quantile(jnp.abs(x0.reshape(x0.shape[0], -1)), percentile, axis=1)
         s = expand_like(jnp.clip(q, 1.0, max_value), x0).astype(x0.dtype)
-        return jnp.clip(x0, -s, s) / s
+        return jnp.clip(x0, -s, s) / s, state
 
-    return thresholded
+    return lower(thresholded, init)
 
 
 def _check_range(name, value, lo, hi):
@@ -222,10 +256,20 @@ def _check_interval(interval):
 
 
 def _as_partial(obj, name):
-    """Stores a plain function field as a `jax.tree_util.Partial`, a valid pytree."""
+    """Stores a plain function field as a `jax.tree_util.Partial`, a valid pytree (for a
+    `Stateful` field, its function)."""
     fn = getattr(obj, name)
+    if isinstance(fn, Stateful):
+        object.__setattr__(obj, name, Stateful(_partial(fn.fn), fn.init))
+    else:
+        object.__setattr__(obj, name, _partial(fn))
+
+
+def _partial(fn):
+    """fn as a `jax.tree_util.Partial` (a Partial, or a placeholder jax put in, unchanged)."""
     if callable(fn) and not isinstance(fn, jax.tree_util.Partial):
-        object.__setattr__(obj, name, jax.tree_util.Partial(fn))
+        return jax.tree_util.Partial(fn)
+    return fn
 
 
 @pytree_dataclass(data=("scale", "y", "y_null", "rescale", "interval"))
@@ -279,7 +323,8 @@ class Autoguidance:
     `jax.tree_util.Partial(apply, weak_params)` so that new params reuse the compiled program.
     It becomes a denoiser through `jaxdiff.denoiser(weak_model_fn, process, prediction)`, so it may
     differ from the main model in prediction type (it must share the process's noise levels).
-    `y`, when given, is passed as the label to both models."""
+    `y`, when given, is passed as the label to both models. Either model may be `Stateful` (see
+    `autoguidance` for the state it then has)."""
 
     weak_model_fn: Callable
     process: Any

@@ -4,6 +4,7 @@ guidance and sampler.
 The schedule is computed eagerly and padded to a fixed `capacity`; the step count, the grid's
 values, the guidance parameters and the network's parameters (when `model_fn` is a
 `jax.tree_util.Partial`) are data to one compiled program. Changing them does not recompile.
+So is a stateful network's initial state (`Stateful(model_fn, init)`, see `jaxdiff.samplers.base`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from jaxdiff import samplers as samplers_lib
 from jaxdiff import schedules as schedules_lib
-from jaxdiff.denoiser import check_prediction
+from jaxdiff.denoiser import Stateful, check_prediction
 from jaxdiff.denoiser import denoiser as make_denoiser
 from jaxdiff.guidance import check_guidance
 from jaxdiff.process import check_process, short_repr
@@ -48,7 +49,10 @@ def sample(
       model_fn: the raw network, `model_fn(x, t)` with x in the process's scaling and t its
         conditioning value; with `guidance`, `model_fn(x, t, *args)` (see `jaxdiff.guidance`).
         Wrap a network and its params as `jax.tree_util.Partial(apply, params)` so that new
-        params reuse the compiled program.
+        params reuse the compiled program. A stateful network (a feature cache):
+        `jaxdiff.denoiser.Stateful(model_fn, init)` with `model_fn(x, t, *args, state) ->
+        (out, state)`, called once per model evaluation, the state threaded through every call
+        of the sampler (under CFG one call on [x; x], see `jaxdiff.guidance`).
       process: a `jaxdiff.process` process; prediction: one of eps, x0, v, flow, score, edm.
       sampler: a name in `jaxdiff.samplers.SAMPLERS`; steps: number of sampler steps.
       schedule: a name in `jaxdiff.schedules.SCHEDULES`, a function `(process, steps) -> grid`,
@@ -63,7 +67,8 @@ def sample(
       **sampler_options: passed to the sampler (e.g. `order=3`, `eta=1.0`).
     Returns:
       samples in the process's scaling at the last noise level (data space when it is 0), and
-      the trajectory (VE view) when asked.
+      the trajectory (VE view) when asked; for a `Stateful` model_fn, then the final state:
+      `(x, state)` or `(x, traj, state)`.
     """
     noise = _check_inputs(noise, process, prediction, guidance)
     fn = samplers_lib.get(sampler)
@@ -76,8 +81,7 @@ def sample(
         raise ValueError(f"sampler {sampler!r} is stochastic and needs key=jax.random.key(...)")
     time = _time(sampler, params, process, time)
     sigmas = _padded_grid(process, schedule, steps, capacity)
-    if not isinstance(model_fn, jax.tree_util.Partial):
-        model_fn = jax.tree_util.Partial(model_fn)
+    model_fn = _as_pytree(model_fn)
     return _run(
         model_fn,
         jnp.asarray(noise),
@@ -92,6 +96,16 @@ def sample(
         trajectory=trajectory,
         time=time,
     )
+
+
+def _as_pytree(model_fn):
+    """model_fn as a jit argument: a `jax.tree_util.Partial` (inside a `Stateful`, whose initial
+    state is then data too)."""
+    if isinstance(model_fn, Stateful):
+        return Stateful(_as_pytree(model_fn.fn), model_fn.init)
+    if not isinstance(model_fn, jax.tree_util.Partial):
+        model_fn = jax.tree_util.Partial(model_fn)
+    return model_fn
 
 
 def _check_inputs(noise, process, prediction, guidance):
@@ -222,12 +236,13 @@ def _core(model_fn, noise, sigmas, steps, key, process, guidance, *, sampler, pr
         kwargs["time"] = process
     x = noise * process.prior_scale(sigmas[0]).astype(noise.dtype)
     out = fn(D, x, sigmas, **kwargs)
-    x, traj = out if trajectory else (out, None)
+    out = out if isinstance(D, Stateful) or trajectory else (out,)
+    x = out[0]  # then the trajectory when asked, then the denoiser state if any
     # x = alpha * x_ve at the last level; at ve_sigma = 0 the state is x0 (alpha = 1), which a
     # discrete process, whose time stops at its smallest trained level, cannot express via t.
     end = sigmas[steps]
     x = x * jnp.where(end > 0, process.alpha(process.t_of(end)), 1.0).astype(x.dtype)
-    return (x, traj) if trajectory else x
+    return (x, *out[1:]) if len(out) > 1 else x
 
 
 _run = jax.jit(_core, static_argnames=("sampler", "prediction", "options", "trajectory",

@@ -13,6 +13,26 @@ A sampler is a plain function `sampler(denoiser, x, sigmas, *, num_steps=None, t
 
 The loop is a `lax.fori_loop` (a `while_loop` when `num_steps` is traced), so samplers never
 unroll over steps in Python and the history of multistep methods lives in the loop carry.
+
+Stateful denoisers (feature caches such as DeepCache or TaylorSeer, SMC particles and weights):
+every sampler also takes `Stateful(D, init)` (`jaxdiff.denoiser.Stateful`) with
+`D(x, sigma, state) -> (x0, state)`, and then returns `(x, state)`, or `(x, traj, state)`.
+
+- `state` is any pytree of arrays; D must return it with the same structure, shapes and dtypes
+  (it is a loop carry; a changed leaf is refused at trace time).
+- The sampler calls D exactly as it calls a plain denoiser, in the same order, and threads the
+  state through every call exactly once: the state D returns is the one the next call gets, and
+  the final one is returned. There is one state per model call, so the number of state updates is
+  the sampler's NFE; a call skipped by a `lax.cond` (a stage at sigma' = 0) leaves it untouched
+  in both branches. Calls inside one step (Heun's corrector, DPM-Solver-2/3's stages, pc's
+  Langevin corrections) see the state the previous call returned.
+- D gets the noise level `sigma` of the call (a grid level, or an intermediate stage level for
+  multi-stage samplers), not the step index: keep a call counter in the state. The sequence of
+  calls and levels depends only on the grid and `num_steps`, never on the values of x.
+- Still one compiled program per sampler and shapes, under `jit`, `vmap` and a traced
+  `num_steps`. A plain denoiser is lifted to the stateful form with the state `NO_STATE`, a pytree
+  without leaves: its program has no extra carry entries and no extra ops.
+- `ode` (diffrax's adaptive solver) refuses a stateful denoiser: see its docstring.
 """
 
 from __future__ import annotations
@@ -20,6 +40,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdiff.denoiser import NO_STATE, Stateful, lift
+
+__all__ = ["NO_STATE", "Stateful", "lift", "run", "num_steps_of", "check_sigmas", "step_key",
+           "is_last"]
 
 
 def num_steps_of(sigmas, num_steps):
@@ -34,25 +59,29 @@ def num_steps_of(sigmas, num_steps):
     return num_steps
 
 
-def run(step, x, sigmas, carry=(), *, num_steps=None, trajectory=False):
-    """Applies `step(i, x, carry) -> (x, carry)` for i = 0 .. num_steps - 1.
+def run(step, x, sigmas, carry=(), state=NO_STATE, *, num_steps=None, trajectory=False):
+    """Applies `step(i, x, carry, state) -> (x, carry, state)` for i = 0 .. num_steps - 1, where
+    `state` is the denoiser's (from `lift(denoiser)`).
 
-    Returns `x` or `(x, traj)` as described in the module docstring."""
+    Returns `x` or `(x, traj)` as described in the module docstring, with the final denoiser state
+    appended unless it is `NO_STATE`."""
     check_sigmas(sigmas)
     n = num_steps_of(sigmas, num_steps)
+    stateful = state is not NO_STATE
     if not trajectory:
-        x, _ = jax.lax.fori_loop(0, n, lambda i, s: step(i, *s), (x, carry))
-        return x
+        x, _, state = jax.lax.fori_loop(0, n, lambda i, s: step(i, *s), (x, carry, state))
+        return (x, state) if stateful else x
     traj = jnp.zeros((sigmas.shape[0],) + x.shape, x.dtype).at[0].set(x)
 
-    def body(i, state):
-        x, carry, traj = state
-        x, carry = step(i, x, carry)
-        return x, carry, traj.at[i + 1].set(x)
+    def body(i, loop):
+        x, carry, state, traj = loop
+        x, carry, state = step(i, x, carry, state)
+        return x, carry, state, traj.at[i + 1].set(x)
 
-    x, _, traj = jax.lax.fori_loop(0, n, body, (x, carry, traj))
+    x, _, state, traj = jax.lax.fori_loop(0, n, body, (x, carry, state, traj))
     rows = jnp.arange(sigmas.shape[0]).reshape((-1,) + (1,) * x.ndim)
-    return x, jnp.where(rows > n, x, traj)
+    traj = jnp.where(rows > n, x, traj)
+    return (x, traj, state) if stateful else (x, traj)
 
 
 def check_sigmas(sigmas):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.samplers.base import num_steps_of, run
+from jaxdiff.samplers.base import lift, num_steps_of, run
 
 
 def push(hist, value):
@@ -83,16 +83,17 @@ def ratio(sigmas, i):
 def _multistep(denoiser, x, sigmas, k, coefs, *, slope, num_steps, trajectory, use_kernel):
     """Loop shared by the samplers here: one NFE, push D (or the slope d = (x - D)/sigma when
     `slope`) to a k-deep history, then x' = a x + sum_j c_j hist_j with (a, c) = coefs(i)."""
+    denoiser, state = lift(denoiser)
 
-    def step(i, x, hist):
+    def step(i, x, hist, state):
         s = sigmas[i]
-        D = denoiser(x, s)
+        D, state = denoiser(x, s, state)
         hist = push(hist, (x - D) / s.astype(x.dtype) if slope else D)
         a, c = coefs(i)
-        return combine(a, c, x, hist, use_kernel), hist
+        return combine(a, c, x, hist, use_kernel), hist, state
 
     hist = jnp.zeros((k,) + x.shape, x.dtype)
-    return run(step, x, sigmas, hist, num_steps=num_steps, trajectory=trajectory)
+    return run(step, x, sigmas, hist, state, num_steps=num_steps, trajectory=trajectory)
 
 
 def _check_order(name, order, top):

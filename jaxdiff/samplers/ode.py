@@ -12,7 +12,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.samplers.base import check_sigmas, num_steps_of
+from jaxdiff.samplers.base import Stateful, check_sigmas, num_steps_of
 
 
 def ode(denoiser, x, sigmas, *, num_steps=None, trajectory=False, rtol=1e-5, atol=1e-5,
@@ -31,7 +31,15 @@ def ode(denoiser, x, sigmas, *, num_steps=None, trajectory=False, rtol=1e-5, ato
     at the start (measured: 115 calls for 19 steps, 80 -> 0.002, Gaussian data, tol 1e-5), and
     the final step to 0 adds 1. `max_steps` bounds the attempted steps (diffrax raises beyond).
     Jittable; `num_steps` may be traced. Gradients use diffrax's recursive-checkpoint adjoint.
+
+    A stateful denoiser (`base.Stateful`) is refused: diffrax calls the vector field at the
+    stages of trial steps, some of them rejected, and its loop carries only the ODE state y, so
+    a denoiser state could neither be threaded once per call in order nor be kept out of the
+    integrated (error-controlled, interpolated) y.
     """
+    if isinstance(denoiser, Stateful):
+        raise ValueError("sampler 'ode' (diffrax, adaptive) cannot carry a denoiser state; "
+                         "use a fixed-grid sampler with a Stateful denoiser")
     check_sigmas(sigmas)
     n = num_steps_of(sigmas, num_steps)
     end = sigmas[n]

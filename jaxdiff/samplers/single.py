@@ -8,7 +8,8 @@ e^{-h} = sigma'/sigma and sigma'(e^h - 1) = sigma - sigma'. A step whose target 
 (h = inf) is taken to first order (DDIM, x' = D(x, sigma)): the intermediate stages of a higher
 order step would sit at sigma = 0, where the denoiser is never called. That choice is a
 `lax.cond`, so the skipped model calls are really not executed, and the higher-order branch only
-ever sees a positive target level, so neither values nor gradients meet log(0).
+ever sees a positive target level, so neither values nor gradients meet log(0). A stateful
+denoiser's state (see `base`) passes through both branches of that cond.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.samplers.base import num_steps_of, run, step_key
+from jaxdiff.samplers.base import lift, num_steps_of, run, step_key
 from jaxdiff.samplers.multistep import fused_step
 
 
@@ -44,15 +45,16 @@ def ddim(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=Fa
 
     x' = D + (sigma'/sigma) (x - D); `use_kernel`: as the fused kernel
     `jaxdiff.kernels.solver_step`."""
+    denoiser, state = lift(denoiser)
 
-    def step(i, x, carry):
+    def step(i, x, carry, state):
         s, s_next = sigmas[i], sigmas[i + 1]
-        D = denoiser(x, s)
+        D, state = denoiser(x, s, state)
         if use_kernel:
-            return _fused_ddim_step(x, [D], jnp.ones(1), s, s_next), carry
-        return _ddim_step(x, D, s, s_next), carry
+            return _fused_ddim_step(x, [D], jnp.ones(1), s, s_next), carry, state
+        return _ddim_step(x, D, s, s_next), carry, state
 
-    return run(step, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+    return run(step, x, sigmas, (), state, num_steps=num_steps, trajectory=trajectory)
 
 
 def euler(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=False):
@@ -72,26 +74,28 @@ def dpm_solver_1(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_k
                 use_kernel=use_kernel)
 
 
-def _singlestep(denoiser, x, sigmas, update, num_steps, trajectory):
-    """Runs `update(x, x0, s, s_next) -> x'` (x0 = D(x, s)) on steps to s_next > 0 and DDIM on
-    a step to 0; the update spends its extra model calls only when it runs."""
+def _singlestep(denoiser, state, x, sigmas, update, num_steps, trajectory):
+    """Runs `update(x, x0, s, s_next, state) -> (x', state)` (x0 = D(x, s)) on steps to
+    s_next > 0 and DDIM on a step to 0; the update spends its extra model calls only when it runs.
+    `denoiser` is lifted (`base.lift`), `state` its initial state."""
 
-    def step(i, x, carry):
+    def step(i, x, carry, state):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x0 = denoiser(x, s)
-        x = jax.lax.cond(
+        x0, state = denoiser(x, s, state)
+        x, state = jax.lax.cond(
             s_next > 0,
-            lambda: update(x, x0, s, _positive(s_next, s)),
-            lambda: _ddim_step(x, x0, s, s_next),
+            lambda: update(x, x0, s, _positive(s_next, s), state),
+            lambda: (_ddim_step(x, x0, s, s_next), state),
         )
-        return x, carry
+        return x, carry, state
 
-    return run(step, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+    return run(step, x, sigmas, (), state, num_steps=num_steps, trajectory=trajectory)
 
 
-def _eps(denoiser, x, s):
-    """Noise prediction eps = (x - D(x, sigma))/sigma (VE view)."""
-    return (x - denoiser(x, s)) / s
+def _eps(denoiser, x, s, state):
+    """Noise prediction eps = (x - D(x, sigma))/sigma (VE view), and the denoiser's state."""
+    x0, state = denoiser(x, s, state)
+    return (x - x0) / s, state
 
 
 def dpm_solver_2(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r1=0.5):
@@ -100,14 +104,15 @@ def dpm_solver_2(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r1=0.
     The stage sits at lambda_s + r1 h, i.e. sigma_1 = sigma (sigma'/sigma)^r1:
     u = x - (sigma - sigma_1) eps, x' = x - (sigma - sigma') (eps + (eps(u) - eps) / (2 r1)).
     A step to sigma' = 0 is DPM-Solver-1 (1 NFE): NFE = 2N - 1 on a grid ending at 0."""
+    denoiser, state = lift(denoiser)
 
-    def update(x, x0, s, t):
+    def update(x, x0, s, t, state):
         eps = (x - x0) / s
         s1 = s * (t / s) ** r1
-        eps1 = _eps(denoiser, x - (s - s1) * eps, s1)
-        return x - (s - t) * (eps + (eps1 - eps) / (2.0 * r1))
+        eps1, state = _eps(denoiser, x - (s - s1) * eps, s1, state)
+        return x - (s - t) * (eps + (eps1 - eps) / (2.0 * r1)), state
 
-    return _singlestep(denoiser, x, sigmas, update, num_steps, trajectory)
+    return _singlestep(denoiser, state, x, sigmas, update, num_steps, trajectory)
 
 
 def dpm_solver_3(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r1=1 / 3, r2=2 / 3):
@@ -120,17 +125,20 @@ def dpm_solver_3(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r1=1 
     u2 = x - (sigma - sigma_2) eps - (r2/r1) phi_2 D1, D2 = eps(u2) - eps,
     x' = x - (sigma - sigma') eps - phi' D2 / r2.
     A step to sigma' = 0 is DPM-Solver-1 (1 NFE): NFE = 3N - 2 on a grid ending at 0."""
+    denoiser, state = lift(denoiser)
 
-    def update(x, x0, s, t):
+    def update(x, x0, s, t, state):
         eps, h = (x - x0) / s, jnp.log(s / t)
         s1, s2 = s * (t / s) ** r1, s * (t / s) ** r2
-        d1 = _eps(denoiser, x - (s - s1) * eps, s1) - eps
+        eps1, state = _eps(denoiser, x - (s - s1) * eps, s1, state)
+        d1 = eps1 - eps
         phi2 = s2 * (jnp.expm1(r2 * h) / (r2 * h) - 1.0)
-        d2 = _eps(denoiser, x - (s - s2) * eps - (r2 / r1) * phi2 * d1, s2) - eps
+        eps2, state = _eps(denoiser, x - (s - s2) * eps - (r2 / r1) * phi2 * d1, s2, state)
+        d2 = eps2 - eps
         phi = t * (jnp.expm1(h) / h - 1.0)
-        return x - (s - t) * eps - (phi / r2) * d2
+        return x - (s - t) * eps - (phi / r2) * d2, state
 
-    return _singlestep(denoiser, x, sigmas, update, num_steps, trajectory)
+    return _singlestep(denoiser, state, x, sigmas, update, num_steps, trajectory)
 
 
 def dpmpp_2s(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r=0.5, use_kernel=False):
@@ -140,15 +148,17 @@ def dpmpp_2s(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r=0.5, us
     D_r = (1 - 1/(2r)) D(x) + D(u, sigma_1)/(2r); x' = D_r + (sigma'/sigma)(x - D_r).
     A step to sigma' = 0 is first order (DDIM, 1 NFE): NFE = 2N - 1 on a grid ending at 0.
     `use_kernel`: the final update as the fused kernel `jaxdiff.kernels.solver_step`."""
+    denoiser, state = lift(denoiser)
 
-    def update(x, x0, s, t):
+    def update(x, x0, s, t, state):
         s1 = s * (t / s) ** r
-        x0_1 = denoiser(_ddim_step(x, x0, s, s1), s1)
+        x0_1, state = denoiser(_ddim_step(x, x0, s, s1), s1, state)
+        w = (1.0 - 0.5 / r, 0.5 / r)
         if use_kernel:
-            return _fused_ddim_step(x, [x0, x0_1], jnp.stack([1.0 - 0.5 / r, 0.5 / r]), s, t)
-        return _ddim_step(x, (1.0 - 0.5 / r) * x0 + (0.5 / r) * x0_1, s, t)
+            return _fused_ddim_step(x, [x0, x0_1], jnp.stack(w), s, t), state
+        return _ddim_step(x, w[0] * x0 + w[1] * x0_1, s, t), state
 
-    return _singlestep(denoiser, x, sigmas, update, num_steps, trajectory)
+    return _singlestep(denoiser, state, x, sigmas, update, num_steps, trajectory)
 
 
 def _churn_gate(s_churn, key):
@@ -171,17 +181,17 @@ def _churn(x, s, i, n, key, s_churn, s_tmin, s_tmax, s_noise):
     return x + s * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise * z, s * (1.0 + gamma)
 
 
-def _sigma_step(denoiser, x, s, s_next):
+def _sigma_step(denoiser, x, s, s_next, state):
     """Alg. 1's step in sigma: Euler, then the trapezoid with the slope at sigma' (if > 0)."""
-    d = (x - denoiser(x, s)) / s
+    d, state = _eps(denoiser, x, s, state)
     x_euler = x + (s_next - s) * d
 
     def correct():
         t = _positive(s_next, s)
-        d_next = (x_euler - denoiser(x_euler, t)) / t
-        return x + (s_next - s) * 0.5 * (d + d_next)
+        d_next, state_next = _eps(denoiser, x_euler, t, state)
+        return x + (s_next - s) * 0.5 * (d + d_next), state_next
 
-    return jax.lax.cond(s_next > 0, correct, lambda: x_euler)
+    return jax.lax.cond(s_next > 0, correct, lambda: (x_euler, state))
 
 
 def _velocity(process, t, x_ve, x0, s):
@@ -193,10 +203,10 @@ def _velocity(process, t, x_ve, x0, s):
     return alpha, d_alpha * x0 + d_sigma * (x_ve - x0) / s
 
 
-def _time_step(denoiser, x, s, s_next, process):
+def _time_step(denoiser, x, s, s_next, process, state):
     """Alg. 1's step in the process's own time t on x = alpha(t) x_ve, from and back to the VE
     view; a step to sigma' = 0 is DDIM (x' = D, no model call at 0)."""
-    x0 = denoiser(x, s)
+    x0, state = denoiser(x, s, state)
 
     def correct():
         s_to = _positive(s_next, s)
@@ -204,10 +214,12 @@ def _time_step(denoiser, x, s, s_next, process):
         alpha, v = _velocity(process, t, x, x0, s)
         alpha_next = process.alpha(t_next)
         x_euler = (alpha * x + (t_next - t) * v) / alpha_next  # back in the VE view
-        _, v_next = _velocity(process, t_next, x_euler, denoiser(x_euler, s_to), s_to)
-        return ((alpha * x + (t_next - t) * 0.5 * (v + v_next)) / alpha_next).astype(x.dtype)
+        x0_next, state_next = denoiser(x_euler, s_to, state)
+        _, v_next = _velocity(process, t_next, x_euler, x0_next, s_to)
+        x_next = (alpha * x + (t_next - t) * 0.5 * (v + v_next)) / alpha_next
+        return x_next.astype(x.dtype), state_next
 
-    return jax.lax.cond(s_next > 0, correct, lambda: x0.astype(x.dtype))
+    return jax.lax.cond(s_next > 0, correct, lambda: (x0.astype(x.dtype), state))
 
 
 def heun(denoiser, x, sigmas, *, num_steps=None, trajectory=False, s_churn=0.0, s_tmin=0.0,
@@ -235,16 +247,19 @@ def heun(denoiser, x, sigmas, *, num_steps=None, trajectory=False, s_churn=0.0, 
                          "jaxdiff.sample takes time='t' or 'sigma'")
     stochastic = _churn_gate(s_churn, key)
     n = num_steps_of(sigmas, num_steps)
+    denoiser, state = lift(denoiser)
 
-    def step(i, x, carry):
+    def step(i, x, carry, state):
         s, s_next = sigmas[i], sigmas[i + 1]
         if stochastic:
             x, s = _churn(x, s, i, n, key, s_churn, s_tmin, s_tmax, s_noise)
         if time is None:
-            return _sigma_step(denoiser, x, s, s_next), carry
-        return _time_step(denoiser, x, s, s_next, time), carry
+            x, state = _sigma_step(denoiser, x, s, s_next, state)
+        else:
+            x, state = _time_step(denoiser, x, s, s_next, time, state)
+        return x, carry, state
 
-    return run(step, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+    return run(step, x, sigmas, (), state, num_steps=num_steps, trajectory=trajectory)
 
 
 def _dpmpp_grid_update(k, i, x, x_start, m0, m1, m2, sigmas):
@@ -286,17 +301,19 @@ def dpmpp_singlestep(denoiser, x, sigmas, *, num_steps=None, trajectory=False, o
     if order not in (1, 2, 3):
         raise ValueError(f"order={order!r} must be 1, 2 or 3")
     n = num_steps_of(sigmas, num_steps)
+    denoiser, state = lift(denoiser)
 
-    def step(i, x, carry):
+    def step(i, x, carry, state):
         x_start, m1, m2 = carry  # state where the macro-step began; D at steps i - 1, i - 2
         k = jnp.where(i == n - 1, 1, i % order + 1)
-        m0 = denoiser(x, sigmas[i])
+        m0, state = denoiser(x, sigmas[i], state)
         x_start = jnp.where(k == 1, x, x_start)
         x_next = _dpmpp_grid_update(k, i, x, x_start, m0, m1, m2, sigmas)
-        return x_next, (x_start, m0, m1)
+        return x_next, (x_start, m0, m1), state
 
     zeros = jnp.zeros_like(x)
-    return run(step, x, sigmas, (x, zeros, zeros), num_steps=num_steps, trajectory=trajectory)
+    return run(step, x, sigmas, (x, zeros, zeros), state, num_steps=num_steps,
+               trajectory=trajectory)
 
 
 SAMPLERS = {

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.samplers.base import is_last, run, step_key
+from jaxdiff.samplers.base import NO_STATE, is_last, lift, run, step_key
 
 
 def _noise(key, x):
@@ -54,14 +54,16 @@ def ddpm(denoiser, x, sigmas, *, key, num_steps=None, trajectory=False):
     variance_type="fixed_small"), also between non-consecutive timesteps. The same move as
     `euler_ancestral` with eta = 1. The step to sigma' = 0 returns D without noise.
     """
+    denoiser, state = lift(denoiser)
 
-    def step(i, x, carry):
+    def step(i, x, carry, state):
         s, s_next = sigmas[i], sigmas[i + 1]
         r2 = jnp.square(s_next / s)
-        x0 = denoiser(x, s)
-        return _move(x, x0, r2, s_next * jnp.sqrt(1.0 - r2), _noise(step_key(key, i), x)), carry
+        x0, state = denoiser(x, s, state)
+        x = _move(x, x0, r2, s_next * jnp.sqrt(1.0 - r2), _noise(step_key(key, i), x))
+        return x, carry, state
 
-    return run(step, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+    return run(step, x, sigmas, (), state, num_steps=num_steps, trajectory=trajectory)
 
 
 def euler_ancestral(
@@ -73,14 +75,16 @@ def euler_ancestral(
     Euler (DDIM, Song et al. 2021 Eq. 12 in the VE view) from sigma down to sigma_down, then
     s_noise * sigma_up fresh noise (see `ancestral_sigmas`). eta = 0 is DDIM; eta = 1 is `ddpm`.
     """
+    denoiser, state = lift(denoiser)
 
-    def step(i, x, carry):
+    def step(i, x, carry, state):
         s, s_next = sigmas[i], sigmas[i + 1]
         down, up = ancestral_sigmas(s, s_next, eta)
-        x0 = denoiser(x, s)
-        return _move(x, x0, down / s, s_noise * up, _noise(step_key(key, i), x)), carry
+        x0, state = denoiser(x, s, state)
+        x = _move(x, x0, down / s, s_noise * up, _noise(step_key(key, i), x))
+        return x, carry, state
 
-    return run(step, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+    return run(step, x, sigmas, (), state, num_steps=num_steps, trajectory=trajectory)
 
 
 def dpmpp_2m_sde(
@@ -105,21 +109,22 @@ def dpmpp_2m_sde(
     eta = 1 is diffusers' SDE solver; eta = 0 is DPM-Solver++(2M). The first step is first order
     (D1 = 0), and so is the last when `lower_order_final`; a step to sigma' = 0 returns D.
     """
+    denoiser, state = lift(denoiser)
 
-    def step(i, x, carry):
+    def step(i, x, carry, state):
         x0_prev, h_prev = carry
         s, s_next = sigmas[i], sigmas[i + 1]
         h = jnp.log(s / jnp.where(s_next > 0, s_next, s))  # 0 on the step to 0 (result unused)
-        x0 = denoiser(x, s)
+        x0, state = denoiser(x, s, state)
         first = (i == 0) | (lower_order_final & is_last(i, num_steps, sigmas))
         d1 = jnp.where(first, 0.0, h / jnp.where(first, 1.0, h_prev)) * (x0 - x0_prev)
         std = s_noise * s_next * jnp.sqrt(-jnp.expm1(-2.0 * eta * h))
         c = jnp.exp(-(1.0 + eta) * h)  # (sigma'/sigma) e^{-eta h}; 1 - c weighs D + D1/2
         x_next = _move(x, x0 + 0.5 * d1, c, std, _noise(step_key(key, i), x))
-        return jnp.where(s_next > 0, x_next, x0).astype(x.dtype), (x0, h)
+        return jnp.where(s_next > 0, x_next, x0).astype(x.dtype), (x0, h), state
 
     carry = (jnp.zeros_like(x), jnp.ones((), sigmas.dtype))
-    return run(step, x, sigmas, carry, num_steps=num_steps, trajectory=trajectory)
+    return run(step, x, sigmas, carry, state, num_steps=num_steps, trajectory=trajectory)
 
 
 def _sde_predictor(predictor, x, x0, s, s_next, z):
@@ -151,13 +156,15 @@ def em(denoiser, x, sigmas, *, key, num_steps=None, trajectory=False):
 
     Weak order 1; needs far more steps than the ODE samplers (on Gaussian data, 1000 steps for
     a ~0.5% variance error)."""
+    denoiser, state = lift(denoiser)
 
-    def step(i, x, carry):
+    def step(i, x, carry, state):
         s, s_next = sigmas[i], sigmas[i + 1]
         z = _noise(step_key(key, i), x)
-        return _sde_predictor("euler_maruyama", x, denoiser(x, s), s, s_next, z), carry
+        x0, state = denoiser(x, s, state)
+        return _sde_predictor("euler_maruyama", x, x0, s, s_next, z), carry, state
 
-    return run(step, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+    return run(step, x, sigmas, (), state, num_steps=num_steps, trajectory=trajectory)
 
 
 STEP_NORMS = ("batch", "sample")
@@ -171,8 +178,17 @@ def langevin_step(denoiser, x, sigma, key, snr, step_norm="batch"):
     `step_norm="batch"` averages both norms over the batch, as score_sde does: one step size
     for all samples. `"sample"` keeps each sample independent of its batch, but the norms then
     concentrate only in high dimension d: for Gaussian data the noise-dependent step inflates
-    the variance a step adds by about (d + 2)/(d - 2) -- fine for images, not for a few dims."""
-    score = (denoiser(x, sigma) - x) / jnp.square(sigma)
+    the variance a step adds by about (d + 2)/(d - 2) -- fine for images, not for a few dims.
+    A `Stateful` denoiser gives `(x, state)`, from its initial state."""
+    denoiser, state = lift(denoiser)
+    x, state = _langevin(denoiser, x, sigma, state, key, snr, step_norm)
+    return x if state is NO_STATE else (x, state)
+
+
+def _langevin(denoiser, x, sigma, state, key, snr, step_norm):
+    """`langevin_step` for a lifted denoiser: (x, state)."""
+    x0, state = denoiser(x, sigma, state)
+    score = (x0 - x) / jnp.square(sigma)
     z = _noise(key, x)
     axes = tuple(range(1, x.ndim))
     z_norm = jnp.sqrt(jnp.sum(jnp.square(z), axis=axes, keepdims=True))
@@ -180,7 +196,7 @@ def langevin_step(denoiser, x, sigma, key, snr, step_norm="batch"):
     if step_norm == "batch":
         z_norm, s_norm = jnp.mean(z_norm, axis=0), jnp.mean(s_norm, axis=0)
     eps = 2.0 * jnp.square(snr * z_norm / jnp.maximum(s_norm, jnp.finfo(x.dtype).tiny))
-    return (x + eps * score + jnp.sqrt(2.0 * eps) * z).astype(x.dtype)
+    return (x + eps * score + jnp.sqrt(2.0 * eps) * z).astype(x.dtype), state
 
 
 def pc(
@@ -208,16 +224,20 @@ def pc(
         raise ValueError(f"predictor={predictor!r} is unknown; allowed: {', '.join(PREDICTORS)}")
     if step_norm not in STEP_NORMS:
         raise ValueError(f"step_norm={step_norm!r} is unknown; allowed: {', '.join(STEP_NORMS)}")
+    denoiser, state = lift(denoiser)
 
-    def step(i, x, carry):
+    def step(i, x, carry, state):
         s, s_next, k = sigmas[i], sigmas[i + 1], step_key(key, i)
-        correct = lambda j, x: langevin_step(  # noqa: E731
-            denoiser, x, s, jax.random.fold_in(k, j + 1), snr, step_norm
-        )
-        x = jax.lax.fori_loop(0, n_corrector, correct, x)
-        return _sde_predictor(predictor, x, denoiser(x, s), s, s_next, _noise(k, x)), carry
 
-    return run(step, x, sigmas, num_steps=num_steps, trajectory=trajectory)
+        def correct(j, loop):
+            x, state = loop
+            return _langevin(denoiser, x, s, state, jax.random.fold_in(k, j + 1), snr, step_norm)
+
+        x, state = jax.lax.fori_loop(0, n_corrector, correct, (x, state))
+        x0, state = denoiser(x, s, state)
+        return _sde_predictor(predictor, x, x0, s, s_next, _noise(k, x)), carry, state
+
+    return run(step, x, sigmas, (), state, num_steps=num_steps, trajectory=trajectory)
 
 
 SAMPLERS = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxdiff.samplers.base import num_steps_of, run
+from jaxdiff.samplers.base import lift, num_steps_of, run
 from jaxdiff.samplers.multistep import combine, fused_step, past_sigmas, push, ratio, step_order
 
 
@@ -75,10 +75,11 @@ def unipc(denoiser, x, sigmas, *, order=2, variant="bh2", corrector=True, lower_
         raise ValueError(f"unipc: variant={variant!r} must be 'bh1' or 'bh2'")
     bh2 = variant == "bh2"
     n = num_steps_of(sigmas, num_steps)
+    denoiser, state = lift(denoiser)
 
-    def step(i, x, carry):
+    def step(i, x, carry, state):
         hist, x_prev, p_prev = carry
-        D = denoiser(x, sigmas[i])
+        D, state = denoiser(x, sigmas[i], state)
         if corrector:  # UniC-p for the step i-1 -> i just taken, with D at the predicted point
             a, c, c_new = _coefs(sigmas, jnp.maximum(i - 1, 0), p_prev, bh2, corrector=True)
             x_c = _corrected(a, c, c_new, x_prev, hist, D, use_kernel)
@@ -86,10 +87,10 @@ def unipc(denoiser, x, sigmas, *, order=2, variant="bh2", corrector=True, lower_
         hist = push(hist, D)
         p = step_order(i, n, order, lower_order_final, below=jnp.inf, sigma_next=sigmas[i + 1])
         a, c, _ = _coefs(sigmas, i, p, bh2, corrector=False)
-        return combine(a, c, x, hist, use_kernel), (hist, x, p)
+        return combine(a, c, x, hist, use_kernel), (hist, x, p), state
 
     carry = (jnp.zeros((order,) + x.shape, x.dtype), x, jnp.asarray(1, jnp.int32))
-    return run(step, x, sigmas, carry, num_steps=num_steps, trajectory=trajectory)
+    return run(step, x, sigmas, carry, state, num_steps=num_steps, trajectory=trajectory)
 
 
 def _corrected(a, c, c_new, x_prev, hist, D, use_kernel):
