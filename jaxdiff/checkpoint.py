@@ -14,12 +14,22 @@ be written again) and removes temporary directories left by killed saves.
 
 Old checkpoints (beyond `keep`) leave by an atomic rename into `checkpoints/deleted/`, emptied
 before the next save, so a kill during a deletion cannot leave a half-deleted step either.
+Temporary directories are removed only by the holder of the workdir's lock (`jaxdiff.rundir`),
+so a save another trainer has in flight is never deleted.
+
+A save that fails raises `CheckpointError`, one line naming the checkpoint directory and the OS
+error: from `save` itself when its directory cannot be made (unwritable, not a directory; the
+directories are made synchronously), else (e.g. a full disk while arrays are written in the
+background) from the next `save`, `wait` or `close`. Orbax's own tracebacks of it (logged from
+its threads) are kept off stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import logging as pylogging
 import os
 import shutil
 import sys
@@ -28,6 +38,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from jaxdiff import rundir
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into every finalized step directory
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -46,14 +58,23 @@ class Checkpointer:
     """Saves and restores (train state, data-iterator state, run description) by step."""
 
     def __init__(self, workdir, *, keep=3, async_save=True):
+        self.workdir = workdir
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             todelete_subdir=TRASH,
+            # directories made in save() itself: a failure to make them raises there, and no
+            # background thread is left waiting (up to 20 min, keeping the process alive) for
+            # a directory that will never exist
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        pylogging.getLogger("absl").addFilter(_QUIET_ORBAX)  # once: the same filter object
+        with self._writing("open"):
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.unreadable = {}  # step -> reason, found by restore(); set aside by the first save
         self._saved = False
+        self._pending = None  # the step of the save in flight
+        self._failed = False
 
     def all_steps(self):
         """Every committed step, ascending, less those found unreadable."""
@@ -68,18 +89,36 @@ class Checkpointer:
         return os.path.join(self.directory, str(int(step)))
 
     def save(self, step, state, data_state, description):
-        """Starts saving; returns at once when async. `description` is a JSON-able dict."""
-        self._manager.wait_until_finished()  # orbax waits for the previous save here anyway
-        self._empty_trash()
-        if not self._saved:
-            self._tidy()
-            self._saved = True
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state or {}),
-            run=ocp.args.JsonSave(description),
-        )
-        self._manager.save(int(step), args=args, force=True)
+        """Starts saving; returns at once when async. `description` is a JSON-able dict.
+        Raises CheckpointError (one line) when this or the previous save fails."""
+        self.wait()  # orbax waits for the previous save here anyway
+        with self._writing(f"save checkpoint step {step} in"):
+            self._empty_trash()
+            if not self._saved:
+                self._tidy()
+                self._saved = True
+            args = ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state or {}),
+                run=ocp.args.JsonSave(description),
+            )
+            self._manager.save(int(step), args=args, force=True)
+        self._pending = int(step)
+
+    @contextlib.contextmanager
+    def _writing(self, what):
+        """Turns any error of the block into one CheckpointError line (no traceback):
+        'could not <what> <directory> (<OS error>)'."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:  # orbax raises OSErrors and its own types, from its threads
+            self._failed = True
+            hint = "; check that it is writable and has free space" if isinstance(
+                _root(e), OSError) else ""
+            raise CheckpointError(f"could not {what} {self.directory} ({_root_cause(e)})"
+                                  f"{hint}") from e
 
     def description(self, step=None):
         """The run description saved with a checkpoint (latest by default), or None."""
@@ -96,28 +135,56 @@ class Checkpointer:
         readable one. With `step`, exactly that step is read (no fallback). Raises
         CheckpointError when the checkpoint was written for another architecture or train
         state, or when checkpoints exist but none can be read."""
+        return self._first_readable(
+            step, lambda s: self._restore_step(s, abstract_state, description), warn=True)
+
+    def check(self, abstract_state, description):
+        """The step `restore` would resume from, or None when there is no checkpoint, checked
+        against this run as `restore` checks it (architecture, every array's shape) from the
+        metadata alone: no array is read. Unreadable steps are skipped quietly (restore warns);
+        raises CheckpointError as restore would."""
+        def fits(s):
+            self._check_step(s, abstract_state, description)
+            return s
+
+        return self._first_readable(None, fits, warn=False)
+
+    def _first_readable(self, step, fn, warn):
         steps = [int(step)] if step is not None else self.all_steps()[::-1]
         if not steps:
             return None
-        description = json.loads(json.dumps(description))  # as saved: tuples become lists
+        bad = {}
         for s in steps:
             try:
-                return self._restore_step(s, abstract_state, description)
+                return fn(s)
             except _Unreadable as e:
                 _drop_late_read_errors()
+                bad[s] = str(e)
+                if not warn:
+                    continue
                 self.unreadable[s] = str(e)
                 older = [t for t in steps if t < s]
                 then = f"restoring step {older[0]} instead" if older else "no older checkpoint"
                 logging.warning("checkpoint %s is unreadable (%s); %s", self.step_dir(s), e,
                                 then)
-        found = "; ".join(f"step {s}: {self.unreadable[s]}" for s in steps)
+        found = "; ".join(f"step {s}: {bad[s]}" for s in steps)
         raise CheckpointError(
             f"no readable checkpoint in {self.directory} ({found}); move the damaged step "
             "directories away to start over, or use a fresh --workdir"
         )
 
     def _restore_step(self, step, abstract_state, description):
+        self._check_step(step, abstract_state, description)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+        )
+        out = _read(lambda: self._manager.restore(step, args=args))
+        return out["state"], out["data"]
+
+    def _check_step(self, step, abstract_state, description):
+        """_Unreadable, or CheckpointError naming what does not fit; reads metadata only."""
         path = self.step_dir(step)
+        description = json.loads(json.dumps(description))  # as saved: tuples become lists
         if not os.path.exists(os.path.join(path, COMMIT_MARKER)):
             raise _Unreadable(f"no commit marker {COMMIT_MARKER}: an incomplete save or copy")
         saved = _read(lambda: self._manager.restore(
@@ -133,26 +200,17 @@ class Checkpointer:
         saved_shapes = _read(lambda: _shapes(ocp.StandardCheckpointHandler().metadata(
             epath.Path(path) / "state").tree))
         _check_fits(saved_shapes, _shapes(abstract_state), self.directory, step)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-        )
-        out = _read(lambda: self._manager.restore(step, args=args))
-        return out["state"], out["data"]
 
     def _tidy(self):
-        """Before the first save: set aside unreadable steps, drop killed saves' temp dirs."""
+        """Before the first save: set aside unreadable steps, drop killed saves' temp dirs.
+        Only under the workdir's lock: another trainer's save in flight is left alone."""
         if jax.process_index() == 0:
-            for step in sorted(self.unreadable):
-                src, dst = self.step_dir(step), self.step_dir(step) + ".unreadable"
-                n = 1
-                while os.path.exists(dst):
-                    dst, n = f"{self.step_dir(step)}.unreadable.{n}", n + 1
-                if os.path.exists(src):
-                    os.rename(src, dst)
-                    logging.warning("moved unreadable checkpoint %s to %s", src, dst)
-            for name in os.listdir(self.directory):
-                if _TMP_MARK in name:
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            with rundir.local_lock(self.workdir) as mine:
+                if mine:
+                    self._set_aside()
+                else:
+                    logging.warning("%s is locked by another process: leaving its temporary "
+                                    "and unreadable checkpoints alone", self.workdir)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -160,13 +218,39 @@ class Checkpointer:
         self._manager.reload()
         self.unreadable = {}
 
+    def _set_aside(self):
+        for step in sorted(self.unreadable):
+            src, dst = self.step_dir(step), self.step_dir(step) + ".unreadable"
+            n = 1
+            while os.path.exists(dst):
+                dst, n = f"{self.step_dir(step)}.unreadable.{n}", n + 1
+            if os.path.exists(src):
+                os.rename(src, dst)
+                logging.warning("moved unreadable checkpoint %s to %s", src, dst)
+        for name in os.listdir(self.directory):
+            if _TMP_MARK in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
     def wait(self):
-        self._manager.wait_until_finished()
+        """Waits for the save in flight; CheckpointError (one line) when it failed."""
+        step, self._pending = self._pending, None
+        what = "save a checkpoint in" if step is None else f"save checkpoint step {step} in"
+        with self._writing(what):
+            self._manager.wait_until_finished()
 
     def close(self):
-        self._manager.wait_until_finished()
-        self._empty_trash()
-        self._manager.close()
+        """Finishes the save in flight and closes; after a failed save (already reported),
+        quietly."""
+        try:
+            with self._quiet_if_failed():
+                self.wait()
+            self._empty_trash()
+        finally:
+            with self._quiet_if_failed():
+                self._manager.close()
+
+    def _quiet_if_failed(self):
+        return contextlib.suppress(Exception) if self._failed else contextlib.nullcontext()
 
     def _empty_trash(self):
         """Removes the steps orbax retired into TRASH (no save is in flight when called)."""
@@ -174,6 +258,36 @@ class Checkpointer:
         if jax.process_index() == 0 and os.path.isdir(trash):
             for name in os.listdir(trash):
                 shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+
+
+def _root(e):
+    """The innermost cause of `e` (e.g. the OSError under orbax's errors)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _root_cause(e):
+    """'Type: first line' of the innermost cause of `e`."""
+    root = _root(e)
+    lines = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {lines[0][:200] if lines else ''}"
+
+
+class _QuietOrbax(pylogging.Filter):
+    """Orbax logs a failed background save with its full traceback from each thread involved
+    (hundreds of lines); the failure reaches the caller as one CheckpointError line, so those
+    records go to DEBUG as one line each."""
+
+    def filter(self, record):
+        if (record.levelno >= pylogging.ERROR and record.exc_info
+                and f"{os.sep}orbax{os.sep}" in record.pathname):
+            logging.debug("orbax: %s", record.getMessage().splitlines()[0][:300])
+            return False
+        return True
+
+
+_QUIET_ORBAX = _QuietOrbax()
 
 
 def _read(fn):
@@ -188,11 +302,7 @@ def _read(fn):
         return fn()
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
         gc.collect()  # the failed read's other coroutines report here, to `ignored`
-        root = e
-        while root.__cause__ is not None or root.__context__ is not None:
-            root = root.__cause__ or root.__context__
-        lines = str(root).strip().splitlines()
-        raise _Unreadable(f"{type(root).__name__}: {lines[0][:200] if lines else ''}") from e
+        raise _Unreadable(_root_cause(e)) from e
     finally:
         sys.unraisablehook = previous
         if ignored:

@@ -181,9 +181,12 @@ def check_finite(metrics, step, ckpt=None):
     last = ckpt.latest_step() if ckpt is not None else None
     where = (f"the last good checkpoint is step {last} in {ckpt.directory} (untouched)"
              if last is not None else "no checkpoint was written yet")
+    # a resume may not change the lr (jaxdiff.rundir): a lower one goes on from a copy
+    lower = ("lower --config.optim.lr" if last is None else "lower --config.optim.lr in a "
+             f"fresh --workdir holding a copy of {ckpt.directory}")
     raise FloatingPointError(
-        f"non-finite {', '.join(bad)} at step {step}; {where}; lower --config.optim.lr, or "
-        "set --config.train.skip_nonfinite=True to skip such updates"
+        f"non-finite {', '.join(bad)} at step {step}; {where}; {lower}, or set "
+        "--config.train.skip_nonfinite=True to skip such updates"
     )
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdiff import faults, losses, parallel
+from jaxdiff import faults, losses, parallel, rundir
 from jaxdiff.checkpoint import Checkpointer, abstract
 from jaxdiff.logger import MetricsLog
 
@@ -179,32 +179,47 @@ def train(state, train_step, data, *, workdir, total_steps, log_every=100, ckpt_
     its "model" entry guards against resuming another architecture. mesh: when given, `state`
     is sharded on it (`init_state(..., mesh=mesh)`), `data` yields this process's part of each
     global batch, and the step is jitted with explicit shardings (`parallel.jit_train_step`);
-    a checkpoint written on any mesh is restored into `state`'s shardings. Returns the final
+    a checkpoint written on any mesh is restored into `state`'s shardings. The workdir is
+    locked throughout (`jaxdiff.rundir`: a second trainer there is refused). Returns the final
     state."""
     faults.check_loop(total_steps=total_steps, log_every=log_every, ckpt_every=ckpt_every,
                       keep=keep, sample_every=sample_every)
     description = dict(description or {})
-    ckpt = Checkpointer(workdir, keep=keep)
-    state = _resume(ckpt, state, data, description)
-    if mesh is None:
-        step_fn, put = jax.jit(train_step, donate_argnums=0), lambda batch: batch
-    else:
-        step_fn = parallel.jit_train_step(train_step, parallel.shardings_of(state), mesh, rules)
-        put = functools.partial(parallel.shard_batch, mesh=mesh)
-    logger = MetricsLog(workdir, total_steps, enabled=log and jax.process_index() == 0)
-    if log:  # one line per process: what joined the run
-        print(f"jaxdiff train: process {jax.process_index()} of {jax.process_count()}, "
-              f"{jax.local_device_count()} of {jax.device_count()} devices"
-              + (f", mesh {dict(mesh.shape)}" if mesh is not None else "")
-              + f", from step {int(state.step)}", file=sys.stderr, flush=True)
-    try:
-        with faults.PreemptionGuard() as preempt:  # SIGTERM/Ctrl-C: save, stop, exit 0
-            state = _loop(state, step_fn, put, data, ckpt, logger, total_steps, log_every,
-                          ckpt_every, sample_every, sample_fn, description, preempt)
-    finally:
-        logger.close()
-        ckpt.close()
+    with rundir.lock(workdir):
+        ckpt = Checkpointer(workdir, keep=keep)
+        try:
+            state = _resume(ckpt, state, data, description)
+            step_fn, put = _compiled(train_step, state, mesh, rules)
+            logger = MetricsLog(workdir, total_steps, enabled=log and jax.process_index() == 0,
+                                start_step=int(state.step))
+            if log:
+                _announce(state, mesh)
+            try:
+                with faults.PreemptionGuard() as preempt:  # SIGTERM/Ctrl-C: save, stop, exit 0
+                    state = _loop(state, step_fn, put, data, ckpt, logger, total_steps,
+                                  log_every, ckpt_every, sample_every, sample_fn, description,
+                                  preempt)
+            finally:
+                logger.close()
+        finally:
+            ckpt.close()
     return state
+
+
+def _compiled(train_step, state, mesh, rules):
+    """(jitted step, batch placement): plain jit without a mesh, else explicit shardings."""
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0), lambda batch: batch
+    step_fn = parallel.jit_train_step(train_step, parallel.shardings_of(state), mesh, rules)
+    return step_fn, functools.partial(parallel.shard_batch, mesh=mesh)
+
+
+def _announce(state, mesh):
+    """One line per process: what joined the run."""
+    print(f"jaxdiff train: process {jax.process_index()} of {jax.process_count()}, "
+          f"{jax.local_device_count()} of {jax.device_count()} devices"
+          + (f", mesh {dict(mesh.shape)}" if mesh is not None else "")
+          + f", from step {int(state.step)}", file=sys.stderr, flush=True)
 
 
 def _resume(ckpt, state, data, description):

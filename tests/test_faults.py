@@ -185,7 +185,8 @@ def test_check_finite_names_step_and_last_good_checkpoint(tmp_path):
         faults.check_finite({"loss": np.inf, "grad_norm": np.nan}, 9, ckpt)
     assert str(e.value).startswith(
         f"non-finite loss, grad_norm at step 9; the last good checkpoint is step 4 in "
-        f"{tmp_path / 'checkpoints'} (untouched); lower --config.optim.lr, or set "
+        f"{tmp_path / 'checkpoints'} (untouched); lower --config.optim.lr in a fresh --workdir "
+        f"holding a copy of {tmp_path / 'checkpoints'}, or set "
         "--config.train.skip_nonfinite=True")
     faults.check_finite({"loss": np.nan, "grad_norm": np.nan, "skipped": 1.0}, 9)  # guarded
     ckpt.close()
@@ -287,14 +288,17 @@ def _wait_for_step(proc, workdir, above, timeout=240):
 
 
 def _read_all(workdir):
-    """{step: (params, ema_params)} of every committed checkpoint, each read whole by orbax."""
+    """{step: (train state, data-iterator state)} of every committed checkpoint, each read whole
+    by orbax: everything that defines the run (step, params, EMA params, optimizer state, PRNG
+    key, the data position)."""
     mngr, out = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")), {}
     for step in mngr.all_steps():
         assert os.path.exists(os.path.join(mngr.directory, str(step), "commit_success.txt"))
         got = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(),
-            run=ocp.args.JsonRestore()))["state"]
-        out[step] = jax.tree.map(np.asarray, (got["params"], got["ema_params"]))
+            run=ocp.args.JsonRestore()))
+        assert int(got["state"]["step"]) == step
+        out[step] = (jax.tree.map(np.asarray, got["state"]), got["data"])
     mngr.close()
     return out
 
@@ -304,18 +308,48 @@ def _final(workdir):
     return step, _read_all(workdir)[step]
 
 
-_same = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))  # bit-identical
+def _same(a, b):
+    """Bit-identical trees of the same structure (state dict keys included)."""
+    return (jax.tree.structure(a) == jax.tree.structure(b)
+            and jax.tree.all(jax.tree.map(np.array_equal, a, b)))
+
+
+def _next_batch(data_state=None, skip=0):
+    """The batch TINY's digits pipeline (seed 0) draws after `data_state`, or, without one,
+    after `skip` batches of a fresh iterator (an uninterrupted stream)."""
+    from jaxdiff import data
+
+    it = data.build("digits", "train", batch_size=16, seed=0)
+    if data_state is not None:
+        it.set_state(data_state)
+    for _ in range(skip):
+        next(it)
+    return jax.tree.map(np.asarray, next(it))
+
+
+def _logged_once(workdir, steps):
+    """metrics.jsonl and the TensorBoard event files each hold every logged step once."""
+    rows = [json.loads(r)["step"] for r in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert rows == steps, rows
+    from jaxdiff.logger import event_step, read_records
+
+    tb = os.path.join(workdir, "tb")
+    events = [event_step(d) for n in sorted(os.listdir(tb))
+              for _, d in read_records(os.path.join(tb, n))[1:]]  # after file_version
+    tags = len(events) // max(len(steps), 1)
+    assert events == [s for s in steps for _ in range(tags)], events
 
 
 @pytest.fixture(scope="module")
 def reference(env, tmp_path_factory):
-    """Final (params, EMA params) of an uninterrupted run."""
+    """Final (train state, data state) of an uninterrupted run."""
     workdir = tmp_path_factory.mktemp("whole")
     out = _cli(env, "train", *RUN, "--config.train.ckpt_every=8", f"--workdir={workdir}")
     assert out.returncode == 0, out.stderr[-2000:]
-    step, params = _final(workdir)
+    step, final = _final(workdir)
     assert step == STEPS
-    return params
+    _logged_once(workdir, list(range(4, STEPS + 1, 4)))
+    return final
 
 
 @e2e
@@ -353,9 +387,11 @@ def test_random_kills_resume_bit_identically(env, reference, tmp_path):
     assert kills >= 5, f"only {kills} kills before the run got near its end"
     final = _cli(env, *args)
     assert final.returncode == 0, final.stderr[-2000:]
-    step, params = _final(tmp_path)
-    assert step == STEPS and _same(params, reference), "resumed run differs"
-    assert json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])["step"] == STEPS
+    step, (state, data_state) = _final(tmp_path)
+    assert step == STEPS and _same(state, reference[0]), "resumed run differs"
+    assert data_state == reference[1]  # the data position too: the next batch is the same
+    assert _same(_next_batch(data_state), _next_batch(skip=STEPS))  # batch STEPS + 1
+    _logged_once(tmp_path, list(range(4, STEPS + 1, 4)))
 
 
 @e2e
@@ -367,7 +403,8 @@ def test_nonfinite_loss_stops_with_one_line_and_keeps_checkpoints(env, tmp_path)
     lines = [ln for ln in out.stderr.splitlines() if "error:" in ln]
     assert lines == [
         f"jaxdiff train: error: non-finite loss, grad_norm at step 4; the last good checkpoint "
-        f"is step 2 in {tmp_path / 'checkpoints'} (untouched); lower --config.optim.lr, or set "
+        f"is step 2 in {tmp_path / 'checkpoints'} (untouched); lower --config.optim.lr in a "
+        f"fresh --workdir holding a copy of {tmp_path / 'checkpoints'}, or set "
         "--config.train.skip_nonfinite=True to skip such updates"], out.stderr[-2000:]
     saved = _read_all(tmp_path)  # step 4 (NaN params) was never written
     assert list(saved) == [2] and all(np.isfinite(x).all() for x in jax.tree.leaves(saved[2]))

@@ -32,13 +32,15 @@ def _cli(*args, timeout=300, **kw):
                           capture_output=True, text=True, **kw)
 
 
-def _final_params(workdir):
-    """Params and EMA params of the latest checkpoint, as numpy, read with orbax directly."""
+def _final_state(workdir):
+    """(step, (train state, data-iterator state)) of the latest checkpoint, read with orbax
+    directly: params, EMA params, optimizer state, PRNG key, step and data position."""
     mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
     step = mngr.latest_step()
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return step, jax.tree.map(np.asarray, (state["state"]["params"],
-                                           state["state"]["ema_params"]))
+    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                     data=ocp.args.JsonRestore()))
+    mngr.close()
+    return step, (jax.tree.map(np.asarray, got["state"]), got["data"])
 
 
 def test_train_step_learns_and_is_pure():
@@ -75,8 +77,8 @@ def test_train_step_learns_and_is_pure():
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
-    """A run killed (SIGKILL) after a checkpoint and resumed ends with exactly the parameters of
-    an uninterrupted run."""
+    """A run killed (SIGKILL) after a checkpoint and resumed ends with exactly the train state
+    and data position of an uninterrupted run, and logs each step once."""
     args = TINY + ["--config.train.steps=24", "--config.train.ckpt_every=6"]
     whole = _cli("train", *args, f"--workdir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -95,11 +97,12 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert 6 <= resumed_from < 24, f"the kill came too late to test anything ({resumed_from})"
     resumed = _cli("train", *args, f"--workdir={killed_dir}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    (s1, a), (s2, b) = _final_params(tmp_path / "whole"), _final_params(killed_dir)
-    assert s1 == s2 == 24
+    (s1, a), (s2, b) = _final_state(tmp_path / "whole"), _final_state(killed_dir)
+    assert s1 == s2 == 24 and int(b[0]["step"]) == 24
+    assert jax.tree.structure(a) == jax.tree.structure(b)
     assert jax.tree.all(jax.tree.map(np.array_equal, a, b)), "resumed run differs"
-    rows = [json.loads(r) for r in open(killed_dir / "metrics.jsonl")]
-    assert rows[-1]["step"] == 24
+    rows = [json.loads(r)["step"] for r in open(killed_dir / "metrics.jsonl")]
+    assert rows == list(range(3, 25, 3)), rows
 
 
 def test_sample_command_and_errors(tmp_path):

@@ -10,11 +10,19 @@ import jax
 import numpy as np
 
 import jaxdiff
-from jaxdiff import faults, images, parallel
+from jaxdiff import faults, images, parallel, rundir
 from jaxdiff import train as train_lib
 from jaxdiff.checkpoint import Checkpointer, CheckpointError
-from jaxdiff.cli import build
+from jaxdiff.cli import build, validate
 from jaxdiff.guidance import CFG
+
+# Settings a resumed run may change: how long and how often (train.steps extends a run), how it
+# samples, evaluates and lays out devices, where the data lives, and how the network computes.
+# Any other change (optim.lr, loss, data, process, train.seed, ...) is refused on resume.
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep",
+                     "train.sample_every", "train.num_samples", "train.skip_nonfinite", "sampler",
+                     "eval", "mesh", "data.data_dir") + tuple(f"model.{k}" for k in
+                                                             build.COMPUTE_ONLY)
 
 
 def train(config, workdir):
@@ -22,38 +30,73 @@ def train(config, workdir):
 
     The state is sharded on the mesh `config.mesh` over all devices; `config.data.batch_size`
     is the global batch (all processes together), split evenly over processes and over the
-    mesh's data×fsdp devices."""
+    mesh's data×fsdp devices. Nothing in `workdir` changes until the config is checked whole,
+    the workdir is locked (one trainer per workdir, `jaxdiff.rundir`) and the config fits the
+    checkpoint there (`_check_resume`); only then is config.json written, atomically."""
     t_start = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    validate.check_config(config)
     model, process, info = build.model(config), build.process(config), build.data_info(config)
     mesh = build.mesh(config)
-    data = build.dataset(config, config.train.seed)  # checks the batch against the processes
-    parallel.check_batch(config.data.batch_size, mesh)
-    tx, lr_fn = build.optimizer(config)
-    c = config.train
-    state = train_lib.init_state(model, tx, x_shape=info["shape"], num_classes=classes(config),
-                                 seed=c.seed, ema_decays=tuple(config.optim.ema_decays),
-                                 mesh=mesh)
+    with rundir.lock(workdir):
+        data = build.dataset(config, config.train.seed)  # checks the batch against processes
+        parallel.check_batch(config.data.batch_size, mesh)
+        tx, lr_fn = build.optimizer(config)
+        _check_resume(config, workdir, model, tx, info)
+        write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        c = config.train
+        state = train_lib.init_state(model, tx, x_shape=info["shape"],
+                                     num_classes=classes(config), seed=c.seed,
+                                     ema_decays=tuple(config.optim.ema_decays), mesh=mesh)
+
+        def sample_fn(state, step):
+            x, labels = draw(config, model, process, state.ema_params[0], num=c.num_samples,
+                             seed=0)
+            _save_samples(os.path.join(workdir, "samples", f"step_{step:07d}.png"), x,
+                          cols=classes(config) or None)
+            if step == c.steps:
+                _report(config, workdir, x, labels, step, t_start)
+
+        train_lib.train(state, _train_step(config, model, tx, lr_fn, process), data,
+                        workdir=workdir, total_steps=c.steps, log_every=c.log_every,
+                        ckpt_every=c.ckpt_every, keep=c.keep, sample_every=c.sample_every,
+                        sample_fn=sample_fn, description=build.description(config), mesh=mesh)
+
+
+def _train_step(config, model, tx, lr_fn, process):
     step = train_lib.make_train_step(model, tx, lr_fn, process=process,
                                      prediction=config.loss.prediction,
                                      ema_decays=tuple(config.optim.ema_decays),
                                      num_classes=classes(config), p_uncond=config.loss.p_uncond,
                                      loss_options=build.loss_options(config))
-    if c.get("skip_nonfinite", False):
-        step = faults.with_skip_nonfinite(step)
+    return faults.with_skip_nonfinite(step) if config.train.get("skip_nonfinite") else step
 
-    def sample_fn(state, step):
-        x, labels = draw(config, model, process, state.ema_params[0], num=c.num_samples, seed=0)
-        _save_samples(os.path.join(workdir, "samples", f"step_{step:07d}.png"), x,
-                      cols=classes(config) or None)
-        if step == c.steps:
-            _report(config, workdir, x, labels, step, t_start)
 
-    train_lib.train(state, step, data, workdir=workdir, total_steps=c.steps,
-                    log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep,
-                    sample_every=c.sample_every, sample_fn=sample_fn,
-                    description=build.description(config), mesh=mesh)
+def _check_resume(config, workdir, model, tx, info):
+    """CheckpointError (one line) unless the checkpoint in `workdir`, if any, can go on under
+    `config`: the same architecture and train state (read from metadata, not restored), and no
+    setting changed outside RESUME_MAY_CHANGE since the run's config.json."""
+    ckpt = Checkpointer(workdir)
+    try:
+        template = train_lib.abstract_state(model, tx, x_shape=info["shape"],
+                                            num_classes=classes(config),
+                                            ema_decays=tuple(config.optim.ema_decays))
+        step = ckpt.check(template, build.description(config))
+    finally:
+        ckpt.close()
+    saved = os.path.join(workdir, "config.json")
+    try:
+        with open(saved) as f:
+            old = json.load(f)
+    except (OSError, ValueError):  # none (e.g. copied checkpoints) or unreadable: no record
+        old = None
+    changed = rundir.changed_settings(old, config.to_dict(), RESUME_MAY_CHANGE) if (
+        step is not None and isinstance(old, dict)) else []
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise CheckpointError(
+            f"{workdir} holds step {step} of a run with other settings ({'; '.join(changed[:3])}"
+            f"{more}); resume it with its settings ({saved}), or copy {ckpt.directory} into a "
+            "fresh --workdir to go on from that checkpoint with these")
 
 
 def draw(config, model, process, params, *, num, seed, sampler=None, steps=None, label=None,
@@ -116,12 +159,18 @@ def restore(config, workdir, mesh):
 def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=None,
            guidance=None):
     """Loads the EMA params of the latest checkpoint and writes `out` (PNG) and `.npz`;
-    sampling is data-parallel over every device (see `draw`)."""
+    sampling is data-parallel over every device (see `draw`).
+
+    A class-conditional model without `label` draws the classes 0..K-1 in turn, and the grid
+    has K columns, one per class, as the training-time grids: sample i is in row i // K, column
+    i % K. When `num` is not a multiple of K the last row is only partly filled (the rest of it
+    stays blank); `num` samples are drawn and saved, never more. With `label`, and for
+    unconditional models, the grid is as square as `num` allows."""
     mesh = parallel.make_mesh()
     model, process, params, step = restore(config, workdir, mesh)
     x, labels = draw(config, model, process, params, num=num, seed=seed,
                      sampler=sampler, steps=steps, label=label, guidance=guidance, mesh=mesh)
-    _save_samples(out, x)
+    _save_samples(out, x, cols=(classes(config) or None) if label is None else None)
     if jax.process_index() == 0:
         np.savez(os.path.splitext(out)[0] + ".npz", samples=x,
                  labels=np.zeros(0) if labels is None else labels)

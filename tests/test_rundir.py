@@ -1,0 +1,247 @@
+"""The run directory is never damaged: one trainer per workdir (a lock), a refused `jaxdiff
+train` (bad config, another architecture, changed settings) changes no file, a resumed run logs
+each step once, and a checkpoint that cannot be written is one line, not a traceback."""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxdiff import rundir
+from jaxdiff.checkpoint import Checkpointer
+from tests.test_faults import INJECT, _logged_once, _steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = ["--config=configs/toy2d.py", "--config.model.width=16", "--config.model.depth=1",
+       "--config.data.batch_size=32", "--config.optim.warmup_steps=1",
+       "--config.train.log_every=2", "--config.train.sample_every=0",
+       "--config.train.num_samples=16", "--config.sampler.steps=2"]
+HOLD = """import sys, time
+from jaxdiff import rundir
+with rundir.lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+TRY = """import sys
+from jaxdiff import rundir
+try:
+    with rundir.lock(sys.argv[1]):
+        print("locked")
+except rundir.WorkdirBusy as e:
+    print(e)
+"""
+
+
+def _py(code, *args, **kw):
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, **kw)
+
+
+def test_lock_refuses_another_process_naming_the_holder(tmp_path):
+    workdir = tmp_path / "run"
+    with rundir.lock(workdir):
+        with rundir.lock(workdir):  # re-entrant within a process
+            assert rundir.held(workdir)
+        assert rundir.held(workdir) and (workdir / ".lock").exists()
+        out = _py(TRY, workdir).communicate(timeout=60)[0].strip()
+        assert out.startswith(f"{workdir} is in use by another jaxdiff train (pid "
+                              f"{os.getpid()} on host {socket.gethostname()}, since "), out
+        assert out.endswith(f"; lock {workdir / '.lock'}); wait for it to end or stop it, or use "
+                            "another --workdir"), out
+        with rundir.local_lock(workdir) as mine:
+            assert mine  # held here already
+    assert not rundir.held(workdir) and not workdir.exists()  # created here, left empty
+    assert _py(TRY, workdir).communicate(timeout=60)[0].strip() == "locked"
+
+
+def test_lock_of_a_killed_holder_is_free_at_once(tmp_path):
+    holder = _py(HOLD, tmp_path)
+    assert holder.stdout.readline().strip() == "locked"
+    assert "in use by another jaxdiff train" in _py(TRY, tmp_path).communicate(timeout=60)[0]
+    with rundir.local_lock(tmp_path) as mine:
+        assert not mine
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert (tmp_path / ".lock").exists()  # left behind, but the kernel released the lock
+    assert _py(TRY, tmp_path).communicate(timeout=60)[0].strip() == "locked"
+
+
+def test_a_refused_run_leaves_no_new_workdir(tmp_path):
+    with pytest.raises(RuntimeError):
+        with rundir.lock(tmp_path / "new"):
+            raise RuntimeError("refused")
+    assert not (tmp_path / "new").exists()
+
+
+def test_changed_settings():
+    saved = {"optim": {"lr": 1e-3, "ema_decays": [0.999]}, "train": {"steps": 10, "seed": 0},
+             "model": {"width": 16, "remat": False}, "sampler": {"name": "heun"}}
+    wanted = {"optim": {"lr": 5e-4, "ema_decays": (0.999,)}, "train": {"steps": 20, "seed": 1},
+              "model": {"width": 16, "remat": True}, "sampler": {"name": "euler"},
+              "eval": {"new": 1}}
+    may = ("train.steps", "model.remat", "sampler")
+    assert rundir.changed_settings(saved, wanted, may) == ["optim.lr: 0.001 -> 0.0005",
+                                                           "train.seed: 0 -> 1"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _cli(env, *args, code=None, timeout=300):
+    head = ["-c", code] if code else ["-m", "jaxdiff.cli"]
+    return subprocess.run([sys.executable, *head, *args], cwd=ROOT, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def _hashes(workdir):
+    """{relative path: sha256} of every file under `workdir`."""
+    out = {}
+    for root, _, files in os.walk(workdir):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(env, tmp_path_factory):
+    """A finished tiny run (4 steps, checkpoints 2 and 4); the refused runs must not touch it."""
+    workdir = tmp_path_factory.mktemp("run")
+    done = _cli(env, "train", *TOY, "--config.train.steps=4", "--config.train.ckpt_every=2",
+                f"--workdir={workdir}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return workdir
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.width=32"], "holds a checkpoint (step 4) of another architecture"),
+    (["--config.model.name=resnet"], "model.name='resnet' is unknown"),
+    (["--config.process.name=rectified_flw"], "rectified_flw"),
+    (["--config.optim.lr=0.0005"], "holds step 4 of a run with other settings (optim.lr: "
+                                   "0.001 -> 0.0005); resume it with its settings"),
+    (["--config.optim.ema_decays=(0.9,0.99)"], "step 4 does not fit this run's train state"),
+])
+def test_refused_train_changes_no_file(env, finished, tmp_path, args, message):
+    workdir = finished
+    before = _hashes(workdir)
+    out = _cli(env, "train", *TOY, "--config.train.steps=8", *args, f"--workdir={workdir}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
+    assert _hashes(workdir) == before
+    sample = _cli(env, "sample", f"--workdir={workdir}", "--num=4", "--steps=2",
+                  f"--out={tmp_path / 'sample.png'}")
+    assert sample.returncode == 0 and "step 4" in sample.stdout, sample.stderr[-2000:]
+
+
+def test_second_trainer_is_refused_and_the_first_goes_on(env, tmp_path):
+    args = ["train", *TOY, "--config.train.steps=100000", "--config.train.ckpt_every=50",
+            "--config.train.log_every=50", f"--workdir={tmp_path}"]
+    first = subprocess.Popen([sys.executable, "-m", "jaxdiff.cli", *args], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "checkpoints" / "50").exists():  # locked, and saving
+        assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
+        time.sleep(0.1)
+    holder = json.load(open(tmp_path / ".lock"))
+    assert holder["pid"] == first.pid
+    config = (tmp_path / "config.json").read_text()
+    second = _cli(env, *args[:-1], "--config.optim.lr=0.01", f"--workdir={tmp_path}")
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode != 0 and len(lines) == 1, second.stderr[-2000:]
+    assert lines[0].startswith(f"jaxdiff train: error: {tmp_path} is in use by another jaxdiff "
+                               f"train (pid {first.pid} on host {socket.gethostname()}, since ")
+    assert first.poll() is None, "the first trainer stopped"
+    first.send_signal(signal.SIGTERM)  # it saves and stops (exit 0)
+    err = first.communicate(timeout=120)[1]
+    assert first.returncode == 0, err[-2000:]
+    assert (tmp_path / "config.json").read_text() == config  # the first run's, lr 1e-3
+    assert not (tmp_path / ".lock").exists()
+    ckpt = Checkpointer(tmp_path)
+    steps = ckpt.all_steps()
+    assert steps and all(ckpt.description(s)["model"]["width"] == 16 for s in steps)
+    assert all((tmp_path / "checkpoints" / str(s) / "commit_success.txt").exists() for s in steps)
+    ckpt.close()
+    rows = [json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl")]
+    assert rows == sorted(set(rows)), "one writer: each step once"
+
+
+def test_resumed_run_logs_each_step_once(env, tmp_path):
+    """Stopped at step 7 (a NaN) after logging steps 5 and 6 past checkpoint 4; the resumed run
+    logs 5..10 again, and metrics.jsonl and TensorBoard hold each step once."""
+    args = ["train", *TOY, "--config.train.steps=10", "--config.train.ckpt_every=4",
+            "--config.train.log_every=1", f"--workdir={tmp_path}"]
+    out = _cli(env, *args, code=INJECT.format(at=7, extra=""))
+    assert out.returncode == 1 and "non-finite loss" in out.stderr, out.stderr[-2000:]
+    assert _steps(tmp_path) == [4] and len(open(tmp_path / "metrics.jsonl").readlines()) == 6
+    time.sleep(1)  # the resumed segment's event file sorts after the first
+    out = _cli(env, *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    _logged_once(tmp_path, list(range(1, 11)))
+
+
+SAVE_FAILS = """import os, sys
+from tests.test_faults import DESC, _state
+from jaxdiff.checkpoint import Checkpointer, CheckpointError
+ckpt = Checkpointer(sys.argv[1])
+ckpt.save(1, _state(1), {}, DESC)
+ckpt.wait()
+os.rename(ckpt.directory, ckpt.directory + ".moved")  # then the directory is a file
+open(ckpt.directory, "w").close()
+try:
+    ckpt.save(2, _state(2), {}, DESC)
+    ckpt.wait()
+except CheckpointError as e:
+    print(e)
+ckpt.close()  # quietly: the failure was reported
+ckpt = Checkpointer(sys.argv[1])  # a file named checkpoints: the first save fails
+try:
+    ckpt.save(1, _state(1), {}, DESC)
+except CheckpointError as e:
+    print(e)
+ckpt.close()
+"""
+
+
+def test_failed_save_is_one_checkpoint_error(tmp_path):
+    out = subprocess.run([sys.executable, "-c", SAVE_FAILS, str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    d = tmp_path / "checkpoints"
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and out.stderr == "", out.stdout + out.stderr[-3000:]
+    assert lines[0].startswith(f"could not save checkpoint step 2 in {d} (NotADirectoryError: "
+                               f"[Errno 20] Not a directory: '{d}/2.orbax-checkpoint-tmp"), lines
+    assert lines[0].endswith("); check that it is writable and has free space")
+    assert lines[1].startswith(f"could not save checkpoint step 1 in {d} (NotADirectoryError: ")
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's /sys")
+def test_unwritable_checkpoints_are_one_line(env, tmp_path):
+    """checkpoints/ -> /sys, where no one (root included) can make a directory: the first
+    save fails; the CLI prints one line naming the directory and the OS error, no traceback."""
+    try:
+        os.mkdir("/sys/jaxdiff_test")
+        os.rmdir("/sys/jaxdiff_test")
+        pytest.skip("/sys is writable here")
+    except OSError:
+        pass
+    os.symlink("/sys", tmp_path / "checkpoints")
+    out = _cli(env, "train", *TOY, "--config.train.steps=4", "--config.train.ckpt_every=2",
+               f"--workdir={tmp_path}")
+    assert out.returncode == 1, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"jaxdiff train: error: could not save checkpoint step 2 in "
+                                f"{tmp_path / 'checkpoints'} (") and "Error: [Errno " in lines[-1]
+    others = [ln for ln in lines[:-1] if not ln.startswith(("jaxdiff train: process", "step "))]
+    assert others == [], out.stderr[-3000:]
