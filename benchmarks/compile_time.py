@@ -67,9 +67,10 @@ def train_step_compile(spec):
                                  ema_decays=(0.9999,))
     batch = {"x": jax.ShapeDtypeStruct((spec["batch"],) + spec["shape"], jnp.float32),
              "label": jax.ShapeDtypeStruct((spec["batch"],), jnp.int32)}
-    step = jax.jit(train.make_train_step(model, tx, lr_fn, process=spec["process"],
-                                         prediction=spec["prediction"], ema_decays=(0.9999,),
-                                         num_classes=nc, loss_options=spec["loss"]),
+    objective = train.diffusion_objective(model, process=spec["process"],
+                                          prediction=spec["prediction"], num_classes=nc,
+                                          loss_options=spec["loss"])
+    step = jax.jit(train.make_train_step(objective, tx, lr_fn, ema_decays=(0.9999,)),
                    donate_argnums=0)
     lowered, lower_s = _timing.timed(lambda: step.lower(state, batch))
     _, compile_s = _timing.timed(lowered.compile)

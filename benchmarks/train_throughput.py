@@ -81,9 +81,10 @@ def jax_case(spec, x, y):
     tx, lr_fn = train.make_optimizer(lr=1e-4, total_steps=10**6, schedule="constant")
     state = train.init_state(model, tx, x_shape=x.shape[1:], num_classes=nc, seed=0,
                              ema_decays=(0.9999,))
-    step = jax.jit(train.make_train_step(model, tx, lr_fn, process=DiscreteVP.linear(),
-                                         prediction="eps", ema_decays=(0.9999,), num_classes=nc,
-                                         p_uncond=0.1 if nc else 0.0), donate_argnums=0)
+    objective = train.diffusion_objective(model, process=DiscreteVP.linear(), prediction="eps",
+                                          num_classes=nc, p_uncond=0.1 if nc else 0.0)
+    step = jax.jit(train.make_train_step(objective, tx, lr_fn, ema_decays=(0.9999,)),
+                   donate_argnums=0)
     batch = {"x": jnp.asarray(x), "label": jnp.asarray(y)}
     compiled, compile_s = _timing.timed(lambda: step.lower(state, batch).compile())
     labels = (batch["label"][:1],) if nc else ()

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import pytest
 
 import jaxdiff
-from jaxdiff import data, faults, losses, models, schedules, train
+from jaxdiff import data, losses, models, schedules, train
+from jaxdiff.train import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = "--config=configs/digits.py"
@@ -34,7 +35,7 @@ def _loop_checked():
     return "check_loop" in inspect.getsource(train.train)
 
 
-MESH = pytest.mark.skipif(not _has("jaxdiff.parallel"), reason="needs jaxdiff.parallel")
+MESH = pytest.mark.skipif(not _has("jaxdiff.train.parallel"), reason="needs jaxdiff.train.parallel")
 WIRED = pytest.mark.skipif(not _loop_checked(), reason="train() does not call faults.check_loop")
 
 # (args, extra environment, expected text; it contains the offending value); W = a workdir
@@ -109,7 +110,7 @@ def _loss(**kw):
 
 def _mesh(**kw):
     def make():
-        from jaxdiff import parallel
+        from jaxdiff.train import parallel
 
         return parallel.make_mesh(**kw)
 
@@ -117,7 +118,7 @@ def _mesh(**kw):
 
 
 def _check_batch():
-    from jaxdiff import parallel
+    from jaxdiff.train import parallel
 
     four_way = types.SimpleNamespace(shape={"data": 4, "fsdp": 1, "tensor": 1})
     parallel.check_batch(6, four_way)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdiff import images
 from jaxdiff.cli import commands, validate
 from jaxdiff.cli.validate import check_config
+from jaxdiff.eval import images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNABLE = ["digits", "toy2d", "cifar10_ddpmpp", "cifar10_edm", "cifar10_dit"]

@@ -1,5 +1,5 @@
 """Faults: damaged checkpoints, preemption signals, non-finite steps, out-of-memory, and (once
-the loop is wired to `jaxdiff.faults`) SIGTERM / kill -9 / NaN runs of the CLI end to end."""
+the loop is wired to `jaxdiff.train.faults`) SIGTERM / kill -9 / NaN runs of the CLI end to end."""
 
 import glob
 import json
@@ -19,8 +19,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxdiff import faults, train
-from jaxdiff.checkpoint import Checkpointer, CheckpointError, abstract
+from jaxdiff import train
+from jaxdiff.train import faults
+from jaxdiff.train.checkpoint import Checkpointer, CheckpointError, abstract
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERCOMMIT = "/proc/sys/vm/overcommit_memory"  # "1": huge allocations succeed, then thrash
@@ -131,7 +132,7 @@ def test_preemption_guard_sets_flag_and_restores_handlers(sig):
 def test_second_signal_stops_at_once_even_in_native_code(tmp_path):
     """The first SIGTERM only asks; the second ends the process although its main thread is
     blocked in C (system() retries waitpid, so no Python handler can run there)."""
-    code = ("import ctypes, sys\nfrom jaxdiff.faults import PreemptionGuard\n"
+    code = ("import ctypes, sys\nfrom jaxdiff.train.faults import PreemptionGuard\n"
             "with PreemptionGuard():\n    print('ready', flush=True)\n"
             "    ctypes.CDLL(None).system(b'sleep 8')\nsys.exit(3)\n")
     err = tmp_path / "stderr"  # a file: sleep's shell may hold a pipe open
@@ -228,7 +229,7 @@ def _wired():
 
 
 WIRED = _wired()
-e2e = pytest.mark.skipif(not WIRED, reason="train loop not yet wired to jaxdiff.faults")
+e2e = pytest.mark.skipif(not WIRED, reason="train loop not yet wired to jaxdiff.train.faults")
 TINY = [  # tests/test_train.py's small digits run
     "--config=configs/digits.py", "--config.model.channels=8", "--config.model.channel_mult=(1,)",
     "--config.model.attn_resolutions=()", "--config.model.norm_groups=4",
@@ -331,7 +332,7 @@ def _logged_once(workdir, steps):
     """metrics.jsonl and the TensorBoard event files each hold every logged step once."""
     rows = [json.loads(r)["step"] for r in open(os.path.join(workdir, "metrics.jsonl"))]
     assert rows == steps, rows
-    from jaxdiff.logger import event_step, read_records
+    from jaxdiff.train.logger import event_step, read_records
 
     tb = os.path.join(workdir, "tb")
     events = [event_step(d) for n in sorted(os.listdir(tb))
@@ -438,7 +439,7 @@ def test_out_of_memory_is_one_line_with_knobs(env, tmp_path):
 
 
 def test_output_files_are_replaced_whole_or_not_at_all(tmp_path):
-    from jaxdiff import images
+    from jaxdiff.eval import images
 
     path = str(tmp_path / "out" / "report.json")
     images.write_atomically(path, lambda tmp: open(tmp, "w").write("old"))

@@ -235,8 +235,8 @@ def test_shard_map_on_a_mesh_equals_xla(mesh_results):
 
 def _mesh_script():
     """Runs in the subprocess: pallas vs xla attention inside a jit under the model mesh."""
-    from jaxdiff import parallel
     from jaxdiff.models import attention
+    from jaxdiff.train import parallel
 
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
     q, k, v, mask, g = _inputs(4, 40, 33, 4, 16, jnp.float32, seed=4)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from jaxdiff.logger import MetricsLog, crc32c, event_step, scalar_event
+from jaxdiff.train.logger import MetricsLog, crc32c, event_step, scalar_event
 
 
 def test_crc32c_known_values():

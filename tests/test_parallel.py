@@ -142,8 +142,9 @@ def _setup(name):
                                          num_classes=3), (8, 8, 1))}[name]
     tx, lr_fn = train.make_optimizer(lr=1e-2, total_steps=10, warmup_steps=0)
     kw = dict(x_shape=shape, num_classes=3, seed=0, ema_decays=(0.5,))
-    step = train.make_train_step(model, tx, lr_fn, process=EDM(), prediction="edm",
-                                 ema_decays=(0.5,), num_classes=3)
+    step = train.make_train_step(
+        train.diffusion_objective(model, process=EDM(), prediction="edm", num_classes=3),
+        tx, lr_fn, ema_decays=(0.5,))
     rng = np.random.default_rng(0)
     batches = [{"x": rng.standard_normal((16,) + shape).astype(np.float32),
                 "label": rng.integers(0, 3, 16).astype(np.int32)} for _ in range(3)]
@@ -154,7 +155,8 @@ def _steps(setup, mesh):
     """(initial state, losses, final state), all on the host, of 3 steps on `mesh`."""
     import jax
 
-    from jaxdiff import parallel, train
+    from jaxdiff import train
+    from jaxdiff.train import parallel
 
     state = train.init_state(setup["model"], setup["tx"], mesh=mesh, **setup["kw"])
     init = jax.device_get(state)
@@ -170,7 +172,8 @@ def _loop(setup, workdir):
     """(initial state, losses, final state) of 3 steps of `train.train` on mesh (4, 2, 1)."""
     import jax
 
-    from jaxdiff import parallel, train
+    from jaxdiff import train
+    from jaxdiff.train import parallel
 
     mesh = parallel.make_mesh(4, 2, 1)
     state = train.init_state(setup["model"], setup["tx"], mesh=mesh, **setup["kw"])
@@ -186,7 +189,7 @@ def _train_cases(mesh1, workdir):
     `_checkpoint_case`), the DiT on (2, 2, 2) only, each against 3 steps on one device."""
     import jax
 
-    from jaxdiff import parallel
+    from jaxdiff.train import parallel
 
     out, specs, keep = {"mlp": {}, "dit": {}}, {}, {}
     for name, meshes in (("mlp", MESHES), ("dit", [(2, 2, 2)])):
@@ -222,9 +225,10 @@ def _sample_cases(params):
     import jax.numpy as jnp
 
     import jaxdiff
-    from jaxdiff import parallel, train
+    from jaxdiff import train
     from jaxdiff.cli import build, commands
     from jaxdiff.guidance import CFG
+    from jaxdiff.train import parallel
 
     config = _toy_config()
     config.sampler.guidance = 2.0
@@ -265,8 +269,9 @@ def _checkpoint_case(setup, saved, workdir):
     (4, 2, 1), (2, 2, 2) and one device."""
     import jax
 
-    from jaxdiff import parallel, train
-    from jaxdiff.checkpoint import Checkpointer
+    from jaxdiff import train
+    from jaxdiff.train import parallel
+    from jaxdiff.train.checkpoint import Checkpointer
 
     ckpt, out = Checkpointer(workdir), {}
     kw = {k: v for k, v in setup["kw"].items() if k != "seed"}
@@ -315,7 +320,7 @@ def _error(fn):
 def _mesh_cases():
     import jax
 
-    from jaxdiff import parallel
+    from jaxdiff.train import parallel
 
     shape = lambda m: [m.shape[a] for a in parallel.AXES]  # noqa: E731
     return dict(default=shape(parallel.make_mesh()), fsdp2=shape(parallel.make_mesh(fsdp=2)),
@@ -331,7 +336,7 @@ def _main(workdir):
     import jax
     import numpy as np
 
-    from jaxdiff import parallel
+    from jaxdiff.train import parallel
 
     assert jax.device_count() == 8, jax.devices()
     mesh1 = parallel.make_mesh(devices=jax.devices()[:1])

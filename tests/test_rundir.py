@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from jaxdiff import rundir
-from jaxdiff.checkpoint import Checkpointer
+from jaxdiff.train import rundir
+from jaxdiff.train.checkpoint import Checkpointer
 from tests.test_faults import INJECT, _logged_once, _steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,13 +23,13 @@ TOY = ["--config=configs/toy2d.py", "--config.model.width=16", "--config.model.d
        "--config.train.log_every=2", "--config.train.sample_every=0",
        "--config.train.num_samples=16", "--config.sampler.steps=2"]
 HOLD = """import sys, time
-from jaxdiff import rundir
+from jaxdiff.train import rundir
 with rundir.lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(60)
 """
 TRY = """import sys
-from jaxdiff import rundir
+from jaxdiff.train import rundir
 try:
     with rundir.lock(sys.argv[1]):
         print("locked")
@@ -193,7 +193,7 @@ def test_resumed_run_logs_each_step_once(env, tmp_path):
 
 SAVE_FAILS = """import os, sys
 from tests.test_faults import DESC, _state
-from jaxdiff.checkpoint import Checkpointer, CheckpointError
+from jaxdiff.train.checkpoint import Checkpointer, CheckpointError
 ckpt = Checkpointer(sys.argv[1])
 ckpt.save(1, _state(1), {}, DESC)
 ckpt.wait()

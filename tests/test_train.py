@@ -49,9 +49,9 @@ def test_train_step_learns_and_is_pure():
     tx, lr_fn = train.make_optimizer(lr=3e-3, total_steps=60, warmup_steps=0)
     state = train.init_state(model, tx, x_shape=(8, 8, 1), num_classes=3, seed=0,
                              ema_decays=(0.5, 0.99))
-    step = jax.jit(train.make_train_step(model, tx, lr_fn, process=EDM(), prediction="edm",
-                                         ema_decays=(0.5, 0.99), num_classes=3,
-                                         loss_options=dict(time_sampling="lognormal")))
+    objective = train.diffusion_objective(model, process=EDM(), prediction="edm", num_classes=3,
+                                          loss_options=dict(time_sampling="lognormal"))
+    step = jax.jit(train.make_train_step(objective, tx, lr_fn, ema_decays=(0.5, 0.99)))
     rng = np.random.default_rng(0)
     batch = {"x": jnp.asarray(rng.uniform(-1, 1, (16, 8, 8, 1)) > 0, jnp.float32) * 2 - 1,
              "label": jnp.asarray(rng.integers(0, 3, 16), jnp.int32)}

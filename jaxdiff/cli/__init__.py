@@ -230,7 +230,7 @@ def _run(command):
 def _oom_message(command, error):
     """One line for an out-of-memory error (None for any other error): train names the config
     knobs that reduce memory, sample and eval name --num."""
-    from jaxdiff import faults
+    from jaxdiff.train import faults
 
     if command == "train":
         return faults.oom_message(error, faults.memory_hints(FLAGS.config))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import jax
 
 from jaxdiff import data as data_lib
-from jaxdiff import models, parallel
+from jaxdiff import models
 from jaxdiff import train as train_lib
 from jaxdiff.process import PROCESSES, DiscreteVP
+from jaxdiff.train import parallel
 
 BETA_SCHEDULES = {"linear": DiscreteVP.linear, "scaled_linear": DiscreteVP.scaled_linear,
                   "cosine": DiscreteVP.cosine}

@@ -10,11 +10,12 @@ import jax
 import numpy as np
 
 import jaxdiff
-from jaxdiff import faults, images, parallel, rundir
 from jaxdiff import train as train_lib
-from jaxdiff.checkpoint import Checkpointer, CheckpointError
 from jaxdiff.cli import build, validate
+from jaxdiff.eval import images
 from jaxdiff.guidance import CFG
+from jaxdiff.train import faults, parallel, rundir
+from jaxdiff.train.checkpoint import Checkpointer, CheckpointError
 
 # Settings a resumed run may change: how long and how often (train.steps extends a run), how it
 # samples, evaluates and lays out devices, where the data lives, and how the network computes.
@@ -31,7 +32,7 @@ def train(config, workdir):
     The state is sharded on the mesh `config.mesh` over all devices; `config.data.batch_size`
     is the global batch (all processes together), split evenly over processes and over the
     mesh's data×fsdp devices. Nothing in `workdir` changes until the config is checked whole,
-    the workdir is locked (one trainer per workdir, `jaxdiff.rundir`) and the config fits the
+    the workdir is locked (one trainer per workdir, `jaxdiff.train.rundir`) and the config fits the
     checkpoint there (`_check_resume`); only then is config.json written, atomically."""
     t_start = time.time()
     validate.check_config(config)
@@ -63,11 +64,13 @@ def train(config, workdir):
 
 
 def _train_step(config, model, tx, lr_fn, process):
-    step = train_lib.make_train_step(model, tx, lr_fn, process=process,
-                                     prediction=config.loss.prediction,
-                                     ema_decays=tuple(config.optim.ema_decays),
-                                     num_classes=classes(config), p_uncond=config.loss.p_uncond,
-                                     loss_options=build.loss_options(config))
+    objective = train_lib.diffusion_objective(model, process=process,
+                                              prediction=config.loss.prediction,
+                                              num_classes=classes(config),
+                                              p_uncond=config.loss.p_uncond,
+                                              loss_options=build.loss_options(config))
+    step = train_lib.make_train_step(objective, tx, lr_fn,
+                                     ema_decays=tuple(config.optim.ema_decays))
     return faults.with_skip_nonfinite(step) if config.train.get("skip_nonfinite") else step
 
 

@@ -14,10 +14,10 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from jaxdiff import images, parallel
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build, commands
-from jaxdiff.eval import plots, quality
+from jaxdiff.eval import images, plots, quality
+from jaxdiff.train import parallel
 
 NLL_BATCH = 100  # test examples per likelihood ODE solve
 REAL_DRAWS = 10  # draws of real training data behind `fd_real`

@@ -17,11 +17,12 @@ import numbers
 import jax
 import numpy as np
 
-from jaxdiff import faults, losses, parallel, samplers, schedules
+from jaxdiff import losses, samplers, schedules
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build
 from jaxdiff.denoiser import PREDICTIONS
 from jaxdiff.guidance import CFG
+from jaxdiff.train import faults, parallel
 
 SECTIONS = ("model", "process", "loss", "sampler", "optim", "data", "train", "eval", "mesh")
 KEYS = {  # the sections with a fixed set of keys (model and process fields depend on the name)
@@ -152,7 +153,7 @@ def _check_optim(config):
 
 
 def _check_mesh(config):
-    """Mesh sizes as `jaxdiff.parallel.make_mesh` takes them; whether they fit the devices is
+    """Mesh sizes as `jaxdiff.train.parallel.make_mesh` takes them; whether they fit the devices is
     checked where the run builds its mesh (it depends on the machine)."""
     sizes = dict(config.get("mesh", {}))
     for name, size in sizes.items():

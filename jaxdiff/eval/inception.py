@@ -15,7 +15,7 @@ read by `load_fid_weights`; torch is imported only for `.pth`. `convert_pth_to_n
 same state_dict as a `.npz` that loads without torch. Nothing is downloaded.
 
 Convention: `fid_features` takes NHWC images with values in [0, 255] (uint8 or float, like
-torch-fidelity's uint8 input; use `jaxdiff.images.to_uint8` on model outputs in [-1, 1], which
+torch-fidelity's uint8 input; use `jaxdiff.eval.images.to_uint8` on model outputs in [-1, 1], which
 also quantizes them as saving PNGs would); a single channel is repeated to RGB.
 Batch norm is inference-only, so its running statistics sit in `params` (`bn/mean`, `bn/var`).
 """
@@ -259,8 +259,8 @@ def _check_images(images):
     lo, hi = float(x.min()), float(x.max())
     if not (0.0 <= lo and hi <= 255.0):  # also catches NaN
         raise ValueError(
-            f"images must have values in [0, 255] (jaxdiff.images.to_uint8 maps model outputs in"
-            f" [-1, 1] there), got range [{lo}, {hi}]")
+            f"images must have values in [0, 255] (jaxdiff.eval.images.to_uint8 maps model outputs"
+            f" in [-1, 1] there), got range [{lo}, {hi}]")
     return x
 
 

@@ -10,7 +10,7 @@ import math
 import os
 import warnings
 
-from jaxdiff import images
+from jaxdiff.eval import images
 
 METRIC_NAMES = {"fd": "FD", "precision": "precision", "recall": "recall", "bpd": "bits/dim"}
 

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxdiff
-from jaxdiff import images as images_lib
 from jaxdiff import likelihood
+from jaxdiff.eval import images as images_lib
 from jaxdiff.eval import metrics as metrics_lib
 
 FEATURES = ("digits", "inception", "raw")

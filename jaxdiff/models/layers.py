@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxdiff import parallel
 from jaxdiff.kernels.attention import MAX_HEAD_DIM, flash_attention
+from jaxdiff.train import parallel
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 xavier_uniform = nn.initializers.xavier_uniform()

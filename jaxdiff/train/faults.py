@@ -181,7 +181,7 @@ def check_finite(metrics, step, ckpt=None):
     last = ckpt.latest_step() if ckpt is not None else None
     where = (f"the last good checkpoint is step {last} in {ckpt.directory} (untouched)"
              if last is not None else "no checkpoint was written yet")
-    # a resume may not change the lr (jaxdiff.rundir): a lower one goes on from a copy
+    # a resume may not change the lr (jaxdiff.train.rundir): a lower one goes on from a copy
     lower = ("lower --config.optim.lr" if last is None else "lower --config.optim.lr in a "
              f"fresh --workdir holding a copy of {ckpt.directory}")
     raise FloatingPointError(

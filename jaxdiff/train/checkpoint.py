@@ -14,7 +14,7 @@ be written again) and removes temporary directories left by killed saves.
 
 Old checkpoints (beyond `keep`) leave by an atomic rename into `checkpoints/deleted/`, emptied
 before the next save, so a kill during a deletion cannot leave a half-deleted step either.
-Temporary directories are removed only by the holder of the workdir's lock (`jaxdiff.rundir`),
+Temporary directories are removed only by the holder of the workdir's lock (`jaxdiff.train.rundir`),
 so a save another trainer has in flight is never deleted.
 
 A save that fails raises `CheckpointError`, one line naming the checkpoint directory and the OS
@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from jaxdiff import rundir
+from jaxdiff.train import rundir
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into every finalized step directory
 _TMP_MARK = ".orbax-checkpoint-tmp"

@@ -156,17 +156,19 @@ def tracing_on(mesh, rules=LOGICAL_RULES):
         yield
 
 
-def jit_train_step(train_step, shardings, mesh, rules=LOGICAL_RULES):
+def jit_train_step(train_step, shardings, mesh, rules=LOGICAL_RULES, *, with_frozen=False):
     """`train_step(state, batch)` jitted with explicit shardings: the state in and out in
     `shardings` (donated), the batch split over data×fsdp, metrics replicated. The step is
-    traced with `rules` and the mesh active, so the models' activation constraints apply."""
+    traced with `rules` and the mesh active, so the models' activation constraints apply.
+    with_frozen: the step takes a third argument (an objective's frozen inputs), replicated."""
 
-    def step(state, batch):
+    def step(state, batch, *frozen):
         with tracing_on(mesh, rules):
-            return train_step(state, batch)
+            return train_step(state, batch, *frozen)
 
-    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+    in_shardings = (shardings, batch_sharding(mesh)) + ((replicated(mesh),) if with_frozen else ())
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, replicated(mesh)),
+                   donate_argnums=0)
 
 
 def padded_size(num, mesh):

@@ -1,0 +1,90 @@
+"""The train step and the network wrapper.
+
+`make_train_step` builds the pure step `(state, batch) -> (state, metrics)` around an objective
+(`diffusion_objective` or any other); its randomness is `fold_in(rng, step)`, so a resumed run draws
+exactly the numbers an uninterrupted one would. `ModelApply` / `network` wrap a Flax module as
+the `model_fn(x, t, *labels)` that `jaxdiff.sample` and the objectives call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdiff.core import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelApply:
+    """`model_fn(x, t, *labels)` over a Flax module, params first: `Partial(ModelApply(m), p)`
+    is what `jaxdiff.sample` takes, with the params as data (new params do not recompile)."""
+
+    model: Any
+    train: bool = False
+
+    def __call__(self, params, x, t, *args, rngs=None):
+        y = args[0] if args else None
+        return self.model.apply({"params": params}, x, t, y, train=self.train, rngs=rngs)
+
+
+def network(model, params):
+    """The sampling-time network: `model_fn(x, t, *labels)` with `params` bound as data."""
+    return jax.tree_util.Partial(ModelApply(model), params)
+
+
+def make_train_step(objective, tx, lr_fn, *, ema_decays):
+    """The pure step `(state, batch, frozen=None) -> (state, metrics)` of any objective.
+
+    objective(params, batch, key, frozen) -> (loss, aux): the scalar to minimise over `params`,
+    with `key` = fold_in(state.rng, state.step) (a resumed run draws the same numbers) and
+    `frozen` what the objective reads but does not train (e.g. a teacher's params); scalar
+    entries of a dict `aux` join the metrics. `diffusion_objective` is the denoising loss.
+    EMA decay d is warmed up as min(d, (1 + step) / (10 + step))."""
+
+    def train_step(state, batch, frozen=None):
+        key = jax.random.fold_in(state.rng, state.step)
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, batch, key, frozen)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        warm = (1.0 + state.step) / (10.0 + state.step)
+        ema = tuple(_ema(e, params, jnp.minimum(d, warm)) for d, e in zip(ema_decays,
+                                                                          state.ema_params))
+        extra = {k: v for k, v in aux.items() if jnp.ndim(v) == 0} if isinstance(aux, dict) else {}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step),
+                   **extra}
+        new = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                            opt_state=opt_state)
+        return new, metrics
+
+    return train_step
+
+
+def diffusion_objective(model, *, process, prediction, num_classes=0, p_uncond=0.1,
+                        loss_options=None):
+    """The denoising loss of `jaxdiff.core.losses.diffusion_loss` on a Flax model, as an
+    objective for `make_train_step`; batch = {"x", "label"}. Labels are replaced by the null
+    label `num_classes` with probability `p_uncond` (CFG training)."""
+    apply = ModelApply(model, train=True)
+    loss_options = dict(loss_options or {})
+
+    def objective(params, batch, key, frozen=None):
+        k_loss, k_drop, k_label = jax.random.split(key, 3)
+        args = ()
+        if num_classes:
+            drop = jax.random.uniform(k_label, batch["label"].shape) < p_uncond
+            args = (jnp.where(drop, num_classes, batch["label"]),)
+        net = lambda x, t, *a: apply(params, x, t, *a, rngs={"dropout": k_drop})  # noqa: E731
+        loss, _ = losses.diffusion_loss(net, batch["x"], k_loss, process=process,
+                                        prediction=prediction, args=args, **loss_options)
+        return loss, {}
+
+    return objective
+
+
+def _ema(ema, params, decay):
+    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
