@@ -30,7 +30,7 @@ import numpy as np
 
 import jaxdiff
 from jaxdiff import models, sampling, train
-from jaxdiff.process import EDM, DiscreteVP
+from jaxdiff.core.process import EDM, DiscreteVP
 
 DIGITS_UNET = dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                    norm_groups=8, dropout=0.1, num_classes=10)

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxdiff
-from jaxdiff import sampling, schedules
-from jaxdiff.process import DiscreteVP
+from jaxdiff import sampling
+from jaxdiff.core import schedules
+from jaxdiff.core.process import DiscreteVP
 from jaxdiff.samplers import SAMPLERS
 
 PAIRS = {"ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdiff import faults, losses, parallel
+from jaxdiff import faults, parallel
 from jaxdiff.checkpoint import Checkpointer, abstract
+from jaxdiff.core import losses
 from jaxdiff.logger import MetricsLog
 
 

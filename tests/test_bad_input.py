@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import pytest
 
 import jaxdiff
-from jaxdiff import data, faults, losses, models, schedules, train
+from jaxdiff import data, faults, models, train
+from jaxdiff.core import losses, schedules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = "--config=configs/digits.py"

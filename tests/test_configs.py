@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxdiff import models, samplers, schedules
+from jaxdiff import models, samplers
 from jaxdiff.cli import build
+from jaxdiff.core import schedules
 from jaxdiff.train import init_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

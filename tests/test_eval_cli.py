@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import analytic, likelihood
-from jaxdiff.denoiser import denoiser, model_from_denoiser
+from jaxdiff.core import analytic, likelihood
+from jaxdiff.core.denoiser import denoiser, model_from_denoiser
+from jaxdiff.core.process import EDM
 from jaxdiff.eval import digits, metrics, quality, train_digits
-from jaxdiff.process import EDM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [  # tests/test_train.py's small digits run, 2 steps
@@ -236,8 +236,8 @@ def test_real_fd_matches_count_and_class_balance(split):
 
 def test_bits_per_dim_batches_match_closed_form():
     """N(0, s^2 I) data with its exact denoiser: the model density at sigma_min is
-    N(0, (s^2 + sigma_min^2) I) (`jaxdiff.likelihood`); batching with a padded last batch and the
-    exact divergence ("auto" in 2-D) reproduce it per example."""
+    N(0, (s^2 + sigma_min^2) I) (`jaxdiff.core.likelihood`); batching with a padded last batch
+    and the exact divergence ("auto" in 2-D) reproduce it per example."""
     s, process = 0.7, EDM(t_min=0.01, t_max=20.0)
     net = model_from_denoiser(analytic.gaussian_denoiser(0.0, s), process, "edm")
     x = np.random.default_rng(0).normal(0, s, (7, 2)).astype(np.float32)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import analytic, likelihood
-from jaxdiff.denoiser import model_from_denoiser
-from jaxdiff.process import VPLinear
+from jaxdiff.core import analytic, likelihood
+from jaxdiff.core.denoiser import model_from_denoiser
+from jaxdiff.core.process import VPLinear
 
 MU, STD, DIM = 0.4, 0.6, 4
 S_MIN, S_MAX = 1e-3, 1e3
@@ -50,7 +50,7 @@ def test_exact_divergence_matches_closed_form(prior, tol):
 
 
 def test_process_denoiser_matches_closed_form():
-    """A VP network (eps-prediction) through `jaxdiff.denoiser`, range taken from the process."""
+    """A VP network (eps-prediction) through `jaxdiff.core.denoiser`, range from the process."""
     process = VPLinear()
     D = jaxdiff.denoiser(model_from_denoiser(analytic.gaussian_denoiser(MU, STD), process, "eps"),
                          process, "eps")

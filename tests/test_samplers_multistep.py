@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import analytic, sampling, schedules
-from jaxdiff.denoiser import denoiser as make_denoiser
-from jaxdiff.denoiser import model_from_denoiser
-from jaxdiff.process import EDM, DiscreteVP
+from jaxdiff import sampling
+from jaxdiff.core import analytic, schedules
+from jaxdiff.core.denoiser import denoiser as make_denoiser
+from jaxdiff.core.denoiser import model_from_denoiser
+from jaxdiff.core.process import EDM, DiscreteVP
 from jaxdiff.samplers import SAMPLERS
 
 # Two-component mixture in 3 dims: a nonlinear denoiser, so the history really matters.

@@ -1,5 +1,5 @@
-"""Stateful denoisers (`jaxdiff.denoiser.Stateful`, contract in `jaxdiff.samplers.base`) through
-every sampler in the registry, the prediction adapter, the guidance transforms and
+"""Stateful denoisers (`jaxdiff.core.denoiser.Stateful`, contract in `jaxdiff.samplers.base`)
+through every sampler in the registry, the prediction adapter, the guidance transforms and
 `jaxdiff.sample`: the state counts the model calls that actually run (= the exact NFE), a state
 that changes nothing leaves the samples bit-for-bit equal, a cache that reuses every other output
 matches a hand-written loop, and repeated calls reuse one compiled program."""
@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import analytic, guidance, sampling, schedules
-from jaxdiff.denoiser import NO_STATE, Stateful, model_from_denoiser
-from jaxdiff.process import EDM, RectifiedFlow
+from jaxdiff import sampling
+from jaxdiff.core import analytic, guidance, schedules
+from jaxdiff.core.denoiser import NO_STATE, Stateful, model_from_denoiser
+from jaxdiff.core.process import EDM, RectifiedFlow
 from jaxdiff.samplers import SAMPLERS
 
 REFUSED = {"ode"}  # diffrax's adaptive loop cannot carry a state (see `ode`'s docstring)

@@ -14,7 +14,7 @@ from jaxdiff import faults, images, parallel
 from jaxdiff import train as train_lib
 from jaxdiff.checkpoint import Checkpointer, CheckpointError
 from jaxdiff.cli import build
-from jaxdiff.guidance import CFG
+from jaxdiff.core.guidance import CFG
 
 
 def train(config, workdir):

@@ -17,11 +17,12 @@ import numbers
 import jax
 import numpy as np
 
-from jaxdiff import faults, losses, parallel, samplers, schedules
+from jaxdiff import faults, parallel, samplers
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build
-from jaxdiff.denoiser import PREDICTIONS
-from jaxdiff.guidance import CFG
+from jaxdiff.core import losses, schedules
+from jaxdiff.core.denoiser import PREDICTIONS
+from jaxdiff.core.guidance import CFG
 
 SECTIONS = ("model", "process", "loss", "sampler", "optim", "data", "train", "eval", "mesh")
 KEYS = {  # the sections with a fixed set of keys (model and process fields depend on the name)

@@ -7,7 +7,7 @@
 - PR: improved precision and recall, k-NN manifolds in the same features (Kynkaanniemi et al.
   2019, Sec. 2).
 - NLL: bits/dim through the probability-flow ODE (Song et al. 2021, Sec. 4.3 and App. D.2;
-  `jaxdiff.likelihood`), with uniform dequantization of 8-bit pixels as score_sde does.
+  `jaxdiff.core.likelihood`), with uniform dequantization of 8-bit pixels as score_sde does.
 - NFE: model evaluations of a sampler, counted at run time (`count_nfe`).
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 
 import jaxdiff
 from jaxdiff import images as images_lib
-from jaxdiff import likelihood
+from jaxdiff.core import likelihood
 from jaxdiff.eval import metrics as metrics_lib
 
 FEATURES = ("digits", "inception", "raw")
@@ -165,7 +165,7 @@ def count_nfe(process, prediction, *, sampler, steps, shape, schedule=None, opti
 
 def bits_per_dim(model_fn, process, prediction, x, *, key, args=(), quantized=True,
                  divergence="auto", batch=100, rtol=1e-5, atol=1e-5):
-    """Per-example bits/dim of data `x` under the model (`jaxdiff.likelihood.bits_per_dim`),
+    """Per-example bits/dim of data `x` under the model (`jaxdiff.core.likelihood.bits_per_dim`),
     `batch` examples per ODE solve; `args` (e.g. null class labels, one per example) go to the
     network.
 

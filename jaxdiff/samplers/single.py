@@ -234,7 +234,7 @@ def heun(denoiser, x, sigmas, *, num_steps=None, trajectory=False, s_churn=0.0, 
     required when s_churn != 0.
 
     `time`: the variable both stages step in. None: the VE level sigma (k-diffusion's
-    `sample_heun`, diffusers' `HeunDiscreteScheduler`). A process (`jaxdiff.process`, traced
+    `sample_heun`, diffusers' `HeunDiscreteScheduler`). A process (`jaxdiff.core.process`, traced
     like any pytree): its own time t, on x = alpha(t) x_ve (EDM Eq. 4 with sigma(t) = ve_sigma(t),
     s(t) = alpha(t)); each grid level maps to t = process.t_of(sigma), the state is converted to
     x and back at each level, and the slope dx/dt = alpha' D + sigma' (x_ve - D)/ve_sigma takes

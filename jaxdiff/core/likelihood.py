@@ -11,14 +11,14 @@ and p_{sigma_max} is replaced by the prior: the VE prior N(0, sigma_max^2 I) by 
 `prior_logp`. What is computed is therefore the model density of the data *as a state at
 noise level sigma_min*: for data N(mu, s^2 I) the exact answer is N(mu, (s^2 + sigma_min^2) I),
 not N(mu, s^2 I). For a variance-preserving process the VE-view state is x/alpha; alpha(t_min)
-is within 1e-4 of 1 for the processes in `jaxdiff.process`, and no correction for it is made.
+is within 1e-4 of 1 for the processes in `jaxdiff.core.process`, and no correction for it is made.
 
 The divergence is either exact (the trace of the Jacobian from one JVP per data dimension:
 small data only) or the Hutchinson-Skilling estimate div f ~ e^T (df/dx) e (Hutchinson 1989;
 Skilling 1989; FFJORD Eq. 7) with Rademacher or Gaussian probes e, drawn once per solve and held
 fixed along the trajectory, which keeps the estimate of the integral unbiased.
 
-Use with any process through `jaxdiff.denoiser`:
+Use with any process through `jaxdiff.core.denoiser`:
     D = jaxdiff.denoiser(model_fn, process, prediction)
     nll(D, x, sigma_min=process.sigma_min, sigma_max=process.sigma_max, key=key)
 """
@@ -31,7 +31,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import analytic
+from jaxdiff.core import analytic
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")

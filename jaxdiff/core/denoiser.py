@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.process import short_repr
+from jaxdiff.core.process import short_repr
 
 
 class _NoState:
@@ -60,7 +60,7 @@ class Stateful:
     def __call__(self, *args):
         raise TypeError(
             "a Stateful function is called as fn(*args, state) by a sampler, "
-            "jaxdiff.denoiser, a guidance transform or jaxdiff.sample; this caller takes a "
+            "jaxdiff.core.denoiser, a guidance transform or jaxdiff.sample; this caller takes a "
             "plain function"
         )
 
@@ -221,7 +221,7 @@ def from_x0(x0, x, t, process, prediction):
 
 def model_from_denoiser(D, process, prediction):
     """A raw `model_fn(x, cond, *args)` whose adapter gives back D: wraps a closed-form
-    denoiser (see `jaxdiff.analytic`) as if it were a trained network of any prediction type.
+    denoiser (see `jaxdiff.core.analytic`) as if it were a trained network of any prediction type.
     A `Stateful` D gives a `Stateful` model_fn with the same state."""
     check_prediction(prediction, process)
     D, init = lift(D)

@@ -438,5 +438,5 @@ def check_process(process):
     names = ", ".join(cls.__name__ for cls in PROCESSES.values())
     raise TypeError(
         f"process={short_repr(process)} is not a process; allowed: an instance of {names} "
-        "(jaxdiff.process), e.g. process=jaxdiff.EDM()"
+        "(jaxdiff.core.process), e.g. process=jaxdiff.EDM()"
     )
