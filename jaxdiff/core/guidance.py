@@ -33,7 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.core.denoiser import NO_STATE, Stateful, check_prediction, expand_like, lift, lower
+from jaxdiff.core.denoiser import (
+    NO_STATE,
+    Stateful,
+    check_prediction,
+    ddim_step,
+    expand_like,
+    lift,
+    lower,
+)
 from jaxdiff.core.denoiser import denoiser as make_denoiser
 from jaxdiff.core.process import check_values, concrete_float, pytree_dataclass, short_repr
 
@@ -160,7 +168,7 @@ def calibrate_adaptive(D, x, sigmas, y, y_null, scale, threshold=0.99):
         s, s_next = sigmas[i], sigmas[i + 1]
         d_c, d_u, state = _cond_uncond(fn, x, s, y, y_null, state)
         x0 = d_u + jnp.asarray(scale, x.dtype) * (d_c - d_u)
-        return (x0 + (s_next / s) * (x - x0), state), jnp.min(_cosine(d_c, d_u))
+        return (ddim_step(x, x0, s, s_next), state), jnp.min(_cosine(d_c, d_u))
 
     _, similarity = jax.lax.scan(step, (x, state), jnp.arange(sigmas.shape[0] - 1))
     agree = similarity >= threshold
