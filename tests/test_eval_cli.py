@@ -241,10 +241,10 @@ def test_bits_per_dim_batches_match_closed_form():
     s, process = 0.7, EDM(t_min=0.01, t_max=20.0)
     net = model_from_denoiser(analytic.gaussian_denoiser(0.0, s), process, "edm")
     x = np.random.default_rng(0).normal(0, s, (7, 2)).astype(np.float32)
-    bpd = quality.bits_per_dim(net, process, "edm", x, key=jax.random.key(0), quantized=False,
-                               divergence="auto", batch=3)
-    assert quality.resolve_divergence("auto", (2,)) == "exact"
-    assert quality.resolve_divergence("auto", (8, 8, 1)) == "hutchinson"
+    bpd = quality.batched_bits_per_dim(net, process, "edm", x, key=jax.random.key(0),
+                                       quantized=False, divergence="auto", batch=3)
+    assert likelihood.resolve_divergence("auto", (2,)) == "exact"
+    assert likelihood.resolve_divergence("auto", (8, 8, 1)) == "hutchinson"
     D = denoiser(net, process, "edm")
     whole = likelihood.bits_per_dim(D, jnp.asarray(x), sigma_min=0.01, sigma_max=20.0,
                                     divergence="exact")

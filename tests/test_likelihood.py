@@ -143,3 +143,15 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="dequantize"):
         likelihood.bits_per_dim(D, x, sigma_min=S_MIN, sigma_max=S_MAX, dequantize=True,
                                 divergence="exact")
+
+
+def test_auto_divergence_is_exact_for_small_data_only():
+    """"auto": the exact trace up to EXACT_MAX_DIM values per example, Hutchinson's above (which
+    then needs a key); the named choices stay as they are."""
+    n = likelihood.EXACT_MAX_DIM
+    assert likelihood.resolve_divergence("auto", (n,)) == "exact"
+    assert likelihood.resolve_divergence("auto", (n + 1,)) == "hutchinson"
+    assert likelihood.resolve_divergence("exact", (n + 1,)) == "exact"
+    with pytest.raises(ValueError, match="divergence='auto' needs key"):
+        likelihood.nll(analytic.gaussian_denoiser(MU, STD), jnp.zeros((2, n + 1)),
+                       sigma_min=S_MIN, sigma_max=S_MAX, divergence="auto")

@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 from jaxdiff import images, parallel
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build, commands
+from jaxdiff.core import likelihood
 from jaxdiff.eval import plots, quality
 
 NLL_BATCH = 100  # test examples per likelihood ODE solve
@@ -101,12 +102,12 @@ def nll_of(run, *, num, seed, divergence):
     net = train_lib.network(run.model, run.params)
     K = commands.classes(run.config)
     args = (np.full(len(x), K, np.int32),) if K else ()
-    bpd = quality.bits_per_dim(net, run.process, run.config.loss.prediction, x,
-                               key=jax.random.key(seed), args=args, quantized=x.ndim == 4,
-                               divergence=divergence, batch=min(NLL_BATCH, len(x)))
+    bpd = quality.batched_bits_per_dim(net, run.process, run.config.loss.prediction, x,
+                                       key=jax.random.key(seed), args=args, quantized=x.ndim == 4,
+                                       divergence=divergence, batch=min(NLL_BATCH, len(x)))
     return {"bpd": float(np.mean(bpd)), "bpd_std_err": float(np.std(bpd) / np.sqrt(len(bpd))),
             "nll_examples": len(bpd),
-            "divergence": quality.resolve_divergence(divergence, x.shape[1:]),
+            "divergence": likelihood.resolve_divergence(divergence, x.shape[1:]),
             "nll_s": round(time.time() - t0, 2)}
 
 

@@ -26,8 +26,6 @@ from jaxdiff.core import likelihood
 from jaxdiff.eval import metrics as metrics_lib
 
 FEATURES = ("digits", "inception", "raw")
-DIVERGENCES = ("auto", "exact", "hutchinson")
-EXACT_MAX_DIM = 16  # "auto" takes the exact trace up to this many data dimensions
 ADAPTIVE = ("ode",)  # samplers whose NFE depends on the model (not a function of the steps)
 PIXEL_BIN = 2.0 / 255.0  # width of one 8-bit level in [-1, 1] (data pipeline: k / 127.5 - 1)
 
@@ -163,17 +161,18 @@ def count_nfe(process, prediction, *, sampler, steps, shape, schedule=None, opti
     return len(_calls)
 
 
-def bits_per_dim(model_fn, process, prediction, x, *, key, args=(), quantized=True,
-                 divergence="auto", batch=100, rtol=1e-5, atol=1e-5):
-    """Per-example bits/dim of data `x` under the model (`jaxdiff.core.likelihood.bits_per_dim`),
-    `batch` examples per ODE solve; `args` (e.g. null class labels, one per example) go to the
-    network.
+def batched_bits_per_dim(model_fn, process, prediction, x, *, key, args=(), quantized=True,
+                         divergence="auto", batch=100, rtol=1e-5, atol=1e-5):
+    """Per-example bits/dim of data `x` (numpy, any length) under a network: its denoiser
+    (`jaxdiff.denoiser`) through `jaxdiff.core.likelihood.bits_per_dim`, `batch` examples per
+    ODE solve (one compiled program, the last batch padded); `args` (e.g. null class labels, one
+    per example) go to the network.
 
     quantized: x holds 8-bit pixels k / 127.5 - 1; they are dequantized with uniform noise over
     their bin [x, x + 2/255), and bits/dim bound the discrete likelihood (Theis et al. 2016).
-    divergence: "exact", "hutchinson" (one Rademacher probe), or "auto" (exact up to
-    EXACT_MAX_DIM data dimensions)."""
-    divergence = resolve_divergence(divergence, x.shape[1:])
+    divergence: "exact", "hutchinson" (one Rademacher probe), or "auto"
+    (`likelihood.resolve_divergence`)."""
+    divergence = likelihood.resolve_divergence(divergence, x.shape[1:])
     solve = _bpd_solver(process, prediction, divergence, quantized, rtol, atol)
     if not isinstance(model_fn, jax.tree_util.Partial):  # params (if any) as data to the jit
         model_fn = jax.tree_util.Partial(model_fn)
@@ -185,17 +184,6 @@ def bits_per_dim(model_fn, process, prediction, x, *, key, args=(), quantized=Tr
                                                 for a in args]
         out.append(np.asarray(solve(model_fn, xb, ab, jax.random.fold_in(key, i)))[:n])
     return np.concatenate(out)
-
-
-def resolve_divergence(divergence, shape):
-    """"auto" -> "exact" for data of `shape` with at most EXACT_MAX_DIM values, else
-    "hutchinson"; the other choices as they are."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"--divergence={divergence!r} is unknown; allowed: "
-                         f"{', '.join(DIVERGENCES)}")
-    if divergence != "auto":
-        return divergence
-    return "exact" if math.prod(shape) <= EXACT_MAX_DIM else "hutchinson"
 
 
 def _bpd_solver(process, prediction, divergence, quantized, rtol, atol):
