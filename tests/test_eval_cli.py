@@ -13,7 +13,7 @@ import pytest
 from jaxdiff.core import analytic, likelihood
 from jaxdiff.core.denoiser import denoiser, model_from_denoiser
 from jaxdiff.core.process import EDM
-from jaxdiff.eval import digits, metrics, quality, train_digits
+from jaxdiff.eval import digits, metrics, plots, quality, train_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [  # tests/test_train.py's small digits run, 2 steps
@@ -253,3 +253,16 @@ def test_bits_per_dim_batches_match_closed_form():
     np.testing.assert_allclose(bpd, -np.asarray(logp) / (2 * np.log(2)), atol=3e-3)  # 1.6e-3
     assert quality.count_nfe(process, "edm", sampler="dpmpp_3m", steps=7, shape=(2,)) == 7
     assert quality.count_nfe(process, "edm", sampler="ode", steps=7, shape=(2,)) is None
+
+
+def test_library_errors_name_the_librarys_arguments(tmp_path):
+    """eval's functions name their own arguments; only the CLI speaks of flags."""
+    cases = [(lambda: quality.feature_fn("clip"), r"^features='clip' is unknown; allowed: "),
+             (lambda: quality.feature_fn("inception"), r"^features='inception' needs "
+              r"inception_weights=<\.pth or \.npz file>"),
+             (lambda: plots.read_metrics_log(str(tmp_path / "metrics.jsonl")),
+              r"^no training log \S+metrics\.jsonl$")]
+    for call, match in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=match) as e:
+            call()
+        assert "--" not in str(e.value)

@@ -46,6 +46,14 @@ def load(config, workdir, *, split):
     return Run(config, workdir, model, process, params, step, mesh, split)
 
 
+def feature_fn(features, inception_weights):
+    """`quality.feature_fn`, its missing weights file named as the flags that give it."""
+    if features == "inception" and not inception_weights:
+        raise ValueError("--features=inception needs --inception_weights=<.pth or .npz file> "
+                         f"({quality.INCEPTION_FILE}; nothing is downloaded)")
+    return quality.feature_fn(features, inception_weights=inception_weights)
+
+
 def reference(run, featurize, *, features, num, seed):
     """(featurize, real features of the reference split, facts about them). The facts hold
     `fd_real` (`quality.real_fd`): the FD of `num` real training examples with the class
@@ -116,7 +124,7 @@ def evaluate(config, workdir, *, metrics, sampler, steps, num, seed, guidance, f
     """Writes the JSON report `out` of `metrics` for one sampler setting; returns it."""
     quality_metrics = {"fd", "pr"} & set(metrics)
     if quality_metrics:  # a missing weights file shows before the checkpoint is read
-        featurize = quality.feature_fn(features, inception_weights=inception_weights)
+        featurize = feature_fn(features, inception_weights)
     run = load(config, workdir, split=split)
     report = {"workdir": workdir, "step": run.step, "dataset": config.data.name}
     sampler, steps = sampler or config.sampler.name, steps or config.sampler.steps
@@ -143,7 +151,7 @@ def sweep(config, workdir, *, metrics, samplers, steps_list, num, seed, guidance
     if adaptive:
         raise ValueError(f"--samplers: {adaptive[0]!r} is adaptive (its NFE depends on the "
                          "model, not on --steps); the sweep takes fixed-step samplers")
-    featurize = quality.feature_fn(features, inception_weights=inception_weights)
+    featurize = feature_fn(features, inception_weights)
     run = load(config, workdir, split=split)
     ref = reference(run, featurize, features=features, num=num, seed=seed)
     rows = []
@@ -190,9 +198,12 @@ def real_data_line(facts):
 
 def plot(workdir, *, out):
     """Training curves of `workdir` (its metrics.jsonl) as a PNG."""
+    log = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(log):
+        raise FileNotFoundError(f"no training log {log}; train first with "
+                                "jaxdiff train --config ... --workdir ...")
     rows = plots.read_metrics_log(
-        os.path.join(workdir, "metrics.jsonl"),
-        warn=lambda message: print(f"jaxdiff plot: warning: {message}", file=sys.stderr))
+        log, warn=lambda message: print(f"jaxdiff plot: warning: {message}", file=sys.stderr))
     plots.plot_training(rows, out, title=workdir)
     print(f"wrote {out} ({len(rows)} logged steps, last {rows[-1]['step']})")
 

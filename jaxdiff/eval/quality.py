@@ -28,23 +28,25 @@ from jaxdiff.eval import metrics as metrics_lib
 FEATURES = ("digits", "inception", "raw")
 ADAPTIVE = ("ode",)  # samplers whose NFE depends on the model (not a function of the steps)
 PIXEL_BIN = 2.0 / 255.0  # width of one 8-bit level in [-1, 1] (data pipeline: k / 127.5 - 1)
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID Inception weights
 
 
-def feature_fn(kind, *, inception_weights=None):
-    """data (N, ...) in [-1, 1] -> (N, D) features: the built-in digits network, the FID
-    Inception-v3 (pool3, 2048 values) loaded from `inception_weights`, or the raw data
-    flattened (for low-dimensional data such as the 2-D toy sets)."""
-    if kind == "raw":
+def feature_fn(features, *, inception_weights=None):
+    """data (N, ...) in [-1, 1] -> (N, D) features: `features` names the built-in digits network
+    ("digits"), the FID Inception-v3 ("inception", pool3, 2048 values) loaded from
+    `inception_weights`, or the raw data flattened ("raw", for low-dimensional data such as the
+    2-D toy sets)."""
+    if features == "raw":
         return lambda x: np.asarray(x, np.float32).reshape(len(x), -1)
-    if kind == "digits":
+    if features == "digits":
         from jaxdiff.eval import digits
 
         return digits.features
-    if kind != "inception":
-        raise ValueError(f"--features={kind!r} is unknown; allowed: {', '.join(FEATURES)}")
+    if features != "inception":
+        raise ValueError(f"features={features!r} is unknown; allowed: {', '.join(FEATURES)}")
     if not inception_weights:
-        raise ValueError("--features=inception needs --inception_weights=<.pth or .npz file> "
-                         "(pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)")
+        raise ValueError(f"features='inception' needs inception_weights=<.pth or .npz file> "
+                         f"({INCEPTION_FILE}; nothing is downloaded)")
     from jaxdiff.eval import inception
 
     params = inception.load_fid_weights(inception_weights)
