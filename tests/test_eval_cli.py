@@ -266,3 +266,13 @@ def test_library_errors_name_the_librarys_arguments(tmp_path):
         with pytest.raises((ValueError, FileNotFoundError), match=match) as e:
             call()
         assert "--" not in str(e.value)
+
+
+def test_which_features_and_classifier_judge_a_dataset():
+    """One place says how a dataset's samples are judged: the digits network's features and
+    its classifier for the digits, the data itself for 2-D toy sets, Inception for images."""
+    assert [quality.default_features(n) for n in ("digits", "digits16", "moons", "cifar10")] == [
+        "digits", "digits", "raw", "inception"]
+    assert quality.classifier_agreement_fn("digits16") is digits.agreement
+    assert quality.classifier_agreement_fn("moons") is None
+    assert quality.classifier_agreement_fn("cifar10") is None

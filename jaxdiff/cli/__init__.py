@@ -505,18 +505,10 @@ def _host_available():
     return available
 
 
-def _default_features(config):
-    """digits for the digits datasets, raw for the 2-D toy sets, inception for other images."""
-    from jaxdiff.data import toy2d
-
-    if config.data.name in ("digits", "digits16"):
-        return "digits"
-    return "raw" if config.data.name in toy2d.GENERATORS else "inception"
-
-
 def _eval(command):
     """jaxdiff eval / eval sweep / plot, flags already checked by `_check_flags`."""
     from jaxdiff.cli import evaluate
+    from jaxdiff.eval import quality
     from jaxdiff.samplers import SAMPLERS
 
     config = _run_config(command)
@@ -529,7 +521,7 @@ def _eval(command):
     if {"fd", "pr"} & set(metrics):
         _check_memory("--num", num, config, "the samples")
     common = dict(metrics=metrics, num=num, seed=FLAGS.seed, guidance=FLAGS.guidance,
-                  features=FLAGS.features or _default_features(config),
+                  features=FLAGS.features or quality.default_features(config.data.name),
                   inception_weights=FLAGS.inception_weights, split=FLAGS.split)
     if command == "eval sweep":
         evaluate.sweep(config, workdir, samplers=parse_list(FLAGS.samplers, sorted(SAMPLERS),

@@ -95,10 +95,9 @@ def quality_of(run, ref, *, metrics, sampler, steps, num, seed, guidance):
                                    steps=steps, shape=build.data_info(cfg)["shape"],
                                    schedule=cfg.sampler.schedule, options=cfg.sampler.options)
     row.update(quality.sample_quality(x, real_feats, featurize, metrics=metrics))
-    if ref[2]["features"] == "digits" and labels is not None:
-        from jaxdiff.eval import digits
-
-        row["classifier_agreement"] = digits.agreement(x, labels)[0]
+    agreement = quality.classifier_agreement_fn(run.config.data.name)
+    if agreement is not None and labels is not None:
+        row["classifier_agreement"] = agreement(x, labels)[0]
     return row
 
 

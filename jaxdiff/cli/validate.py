@@ -17,6 +17,7 @@ import numbers
 import jax
 import numpy as np
 
+from jaxdiff import data as data_lib
 from jaxdiff import faults, parallel, samplers
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build
@@ -181,9 +182,10 @@ def _check_data(config):
     if d.random_flip and len(shape) != 3:
         raise ValueError(f"data.random_flip=True does not apply to {d.name!r}: its examples are "
                          f"vectors of shape {shape}, not images; allowed: False")
-    if d.random_flip and d.name.startswith("digits"):
-        raise ValueError(f"data.random_flip=True mirrors {d.name!r} (a mirrored digit is not a "
-                         "digit); allowed: False")
+    try:
+        data_lib.check_random_flip(d.name, d.random_flip)
+    except ValueError as e:
+        raise ValueError(f"data.{_line(e)}") from None
     return dict(info, shape=shape)
 
 

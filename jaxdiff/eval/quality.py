@@ -53,6 +53,30 @@ def feature_fn(features, *, inception_weights=None):
     return lambda x: inception.fid_features(params, images_lib.to_uint8(x))
 
 
+def default_features(dataset):
+    """The features FD and PR use for `dataset` unless told otherwise: the built-in digits
+    network for the digits datasets, the data itself for the 2-D toy sets, Inception-v3 for
+    other images."""
+    from jaxdiff.data import DIGITS, toy2d
+
+    if dataset in DIGITS:
+        return "digits"
+    return "raw" if dataset in toy2d.GENERATORS else "inception"
+
+
+def classifier_agreement_fn(dataset):
+    """`(samples, labels) -> (agreement, per_class)`: the share of class-conditional samples
+    that a built-in classifier of `dataset`'s classes assigns to their requested label
+    (`jaxdiff.eval.digits.agreement` for the digits datasets); None where there is none."""
+    from jaxdiff.data import DIGITS
+
+    if dataset not in DIGITS:
+        return None
+    from jaxdiff.eval import digits
+
+    return digits.agreement
+
+
 def real_data(name, split, *, num=None, data_dir=None):
     """The first `num` (default all) examples of a dataset split, in file order, as numpy
     (x in [-1, 1], labels) from the training pipeline (`jaxdiff.data.build`)."""
