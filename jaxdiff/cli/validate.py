@@ -25,7 +25,7 @@ from jaxdiff.core import losses, schedules
 from jaxdiff.core.denoiser import PREDICTIONS
 from jaxdiff.core.guidance import CFG
 
-SECTIONS = ("model", "process", "loss", "sampler", "optim", "data", "train", "eval", "mesh")
+SECTIONS = ("model", "process", "loss", "sampler", "optim", "data", "train", "mesh")
 KEYS = {  # the sections with a fixed set of keys (model and process fields depend on the name)
     "loss": ("prediction", "weighting", "time_sampling", "p_uncond"),
     "sampler": ("name", "steps", "schedule", "guidance", "options"),
@@ -35,8 +35,7 @@ KEYS = {  # the sections with a fixed set of keys (model and process fields depe
               "skip_nonfinite"),
     "mesh": tuple(parallel.AXES),
 }
-OPTIONAL = {"data.latent_shape", "train.skip_nonfinite", "mesh.data", "mesh.fsdp", "mesh.tensor",
-            "eval"}
+OPTIONAL = {"data.latent_shape", "train.skip_nonfinite", "mesh.data", "mesh.fsdp", "mesh.tensor"}
 LR_SCHEDULES = ("cosine", "constant")  # jaxdiff.train.make_optimizer
 # model keys that decide whether a model can take the data's shape, named in that error
 SHAPE_KEYS = ("preset", "channels", "channel_mult", "attn_resolutions", "norm_groups",
