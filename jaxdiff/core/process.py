@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def pytree_dataclass(data=(), meta=()):
+def pytree_dataclass(data=()):
     """Frozen dataclass registered as a pytree: `data` fields are leaves, the rest are static."""
 
     def wrap(cls):
