@@ -24,7 +24,14 @@ from jaxdiff.core.guidance import check_guidance
 from jaxdiff.core.process import check_process, short_repr
 
 DEFAULT_CAPACITY = 256
-trace_count = 0  # how many times the sampling program was traced (for tests and benchmarks)
+_traces = collections.Counter()  # sampler name -> traces of the sampling program (`_core`)
+
+
+def trace_count(sampler=None):
+    """How many times the sampling program has been traced (so compiled) in this process, for
+    `sampler` or for all: tests and benchmarks check with it that a call did not recompile. It
+    counts traces, not cache entries, so `jax.clear_caches()` does not reset it."""
+    return _traces[sampler] if sampler is not None else sum(_traces.values())
 
 
 def sample(
@@ -223,8 +230,7 @@ def _capacity(steps, capacity):
 
 def _core(model_fn, noise, sigmas, steps, key, process, guidance, *, sampler, prediction, options,
           trajectory, time):
-    global trace_count
-    trace_count += 1
+    _traces[sampler] += 1
     D = make_denoiser(model_fn, process, prediction)
     if guidance is not None:
         D = guidance(D)

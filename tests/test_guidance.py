@@ -174,18 +174,18 @@ def test_sample_cfg_compiles_once():
     process = EDM()
     model = model_from_denoiser(class_denoiser, process, "edm")
     kw = dict(process=process, prediction="edm", sampler="ddim", steps=6)
-    n0 = sampling.trace_count
+    n0 = sampling.trace_count()
     out = [jaxdiff.sample(model, X, guidance=guidance.CFG(scale=w, y=Y, y_null=NULL), **kw)
            for w in (1.5, 4.0)]
-    assert sampling.trace_count == n0 + 1
+    assert sampling.trace_count() == n0 + 1
     sigmas = jnp.asarray(jaxdiff.core.schedules.karras(process, 6))
     want = ddim(guidance.cfg(class_denoiser, 4.0, Y, NULL), X * sigmas[0], sigmas)
     np.testing.assert_allclose(out[1], want, rtol=1e-4, atol=1e-4)
     assert not np.allclose(out[0], out[1], atol=1e-2)
-    n0 = sampling.trace_count  # the interval's bounds are data too
+    n0 = sampling.trace_count()  # the interval's bounds are data too
     for lo, hi in [(0.5, 3.0), (0.2, 5.0)]:
         jaxdiff.sample(model, X, guidance=guidance.CFG(4.0, Y, NULL, interval=(lo, hi)), **kw)
-    assert sampling.trace_count == n0 + 1
+    assert sampling.trace_count() == n0 + 1
     g = guidance.CFG(scale=4.0, y=Y, y_null=NULL)
     chained = guidance.Chain((g, guidance.DynamicThreshold()))
     got = jaxdiff.sample(model, X, guidance=chained, **kw)

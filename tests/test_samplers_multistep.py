@@ -78,7 +78,7 @@ def test_sample_serves_both_lower_order_final_regimes_with_one_program():
     for steps in (5, 12, 20):  # n < 15 lowers the last steps' order, n = 20 does not
         x = jaxdiff.sample(model, noise, process=process, prediction="x0", sampler="dpmpp_3m",
                            steps=steps, capacity=32)
-        counts.append(sampling.trace_count)
+        counts.append(sampling.trace_count())
     grid = jnp.asarray(schedules.karras(process, 20), jnp.float32)
     ref = SAMPLERS["dpmpp_3m"](D, noise * grid[0], grid)  # its own, unpadded program
     np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)

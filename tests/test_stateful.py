@@ -191,10 +191,10 @@ def test_sample_threads_state_through_guidance(g, nfe):
     assert int(calls) == nfe  # heun, 6 steps to 0: 2 * 6 - 1 model calls, guided or not
     assert last.shape == (2 * X.shape[0], X.shape[1]) and np.any(np.asarray(last) != 0)
     # new initial state and step count: the same program
-    before = sampling.trace_count
+    before = sampling.trace_count()
     _, (calls2, _) = _sample(Stateful(stateful_model, model_state(100)), g, steps=4)
     assert int(calls2) == 100 + 7
-    assert sampling.trace_count == before
+    assert sampling.trace_count() == before
 
 
 def test_sample_trajectory_and_stochastic_with_state():
