@@ -50,5 +50,11 @@ bench-samplers: $(FULL)
 bench-kernels: $(FULL)
 	$(BIN)/python benchmarks/kernels.py
 
+# The shared benchmark testbed: trains the four small digit models once (cached in
+# benchmarks/.testbed/, rebuilt when their code changes), scores them
+# (benchmarks/out/testbed.json). About 15 min on 2 cores the first time, seconds after.
+testbed: $(FULL)
+	$(BIN)/python benchmarks/testbed.py build
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -12,7 +12,7 @@ The sampler is one program: the grid is padded to a fixed capacity and the step 
 (`jaxdiff/samplers/base.py`), so its loop is a `while_loop` that is never unrolled. Two
 measurements: (a) a fresh compile (caches cleared) at 10, 100 and 1000 steps with the default
 capacity (256, 256, 1024): compile = first call minus a warm call; (b) one program of capacity
-1024 serving 10, 100 and 1000 steps: traces are counted (`jaxdiff.sampling.trace_count`).
+1024 serving 10, 100 and 1000 steps: traces are counted (`jaxdiff.sampling.trace_count()`).
 
     python benchmarks/compile_time.py [--quick] [--repeats 3]
 
@@ -30,7 +30,7 @@ import numpy as np
 
 import jaxdiff
 from jaxdiff import models, sampling, train
-from jaxdiff.process import EDM, DiscreteVP
+from jaxdiff.core.process import EDM, DiscreteVP
 
 DIGITS_UNET = dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                    norm_groups=8, dropout=0.1, num_classes=10)
@@ -100,21 +100,21 @@ def sampler_compile(spec, repeats):
     call, fresh, shared = _sampler_call(spec), [], []
     for steps in spec["steps"]:
         jax.clear_caches()
-        before = sampling.trace_count
+        before = sampling.trace_count()
         first = call(steps)
         warm = float(np.median([call(steps) for _ in range(repeats)]))
         fresh.append(dict(steps=steps, capacity=sampling._capacity(steps, None), first_call_s=first,
                           warm_call_s=warm, compile_s=first - warm,
-                          traces=sampling.trace_count - before))
+                          traces=sampling.trace_count() - before))
     jax.clear_caches()
     capacity = max(1024, max(spec["steps"]))
     for steps in spec["steps"]:
-        before = sampling.trace_count
+        before = sampling.trace_count()
         first = call(steps, capacity)
         shared.append(dict(steps=steps, capacity=capacity, first_call_s=first,
                            warm_call_s=float(np.median([call(steps, capacity)
                                                         for _ in range(repeats)])),
-                           traces=sampling.trace_count - before))
+                           traces=sampling.trace_count() - before))
     return fresh, shared
 
 

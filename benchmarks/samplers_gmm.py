@@ -9,7 +9,7 @@ trained noise level, followed by the final denoising step D(x, sigma_min) that e
 sampler's trajectory on a discrete process.
 
 Rows: jaxdiff sampler x schedule; jaxdiff samplers on a schedule fitted to this model and step
-count (`jaxdiff.schedule_opt`, fitted on separate calibration noise); diffusers' schedulers
+count (`jaxdiff.core.schedule_opt`, fitted on separate calibration noise); diffusers' schedulers
 (when installed) run through their own loop with the same model function. NFE are counted, not
 assumed: each method's model calls are counted at run time.
 
@@ -32,11 +32,11 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxdiff import analytic, schedules  # noqa: E402
-from jaxdiff.denoiser import denoiser, model_from_denoiser  # noqa: E402
-from jaxdiff.process import DiscreteVP  # noqa: E402
+from jaxdiff.core import analytic, schedules  # noqa: E402
+from jaxdiff.core.denoiser import denoiser, model_from_denoiser  # noqa: E402
+from jaxdiff.core.process import DiscreteVP  # noqa: E402
+from jaxdiff.core.schedule_opt import optimize_schedule  # noqa: E402
 from jaxdiff.samplers import SAMPLERS  # noqa: E402
-from jaxdiff.schedule_opt import optimize_schedule  # noqa: E402
 
 NFES = (3, 5, 7, 10, 20, 50)
 CAPACITY = 64

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxdiff
-from jaxdiff import sampling, schedules
-from jaxdiff.process import DiscreteVP
+from jaxdiff import sampling
+from jaxdiff.core import schedules
+from jaxdiff.core.process import DiscreteVP
 from jaxdiff.samplers import SAMPLERS
 
 PAIRS = {"ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
@@ -81,10 +82,10 @@ def measure(name, steps, repeats):
     process = DiscreteVP.linear()
     noise = jax.random.normal(jax.random.key(0), SHAPE, jnp.float32)
     sample = jaxdiff_sample(name, steps, noise, process)
-    traces = sampling.trace_count
+    traces = sampling.trace_count()
     _, first_s = _timing.timed(sample)  # traces and compiles unless this capacity was seen
     jitted, compile_s = jaxdiff_jitted(name, steps, noise, process)
-    traced_before = sampling.trace_count
+    traced_before = sampling.trace_count()
     times = _timing.interleaved({
         "jaxdiff.sample": sample, "jaxdiff sampler (jitted)": jitted,
         f"diffusers {PAIRS[name]}": diffusers_loop(PAIRS[name], steps, noise),
@@ -96,7 +97,7 @@ def measure(name, steps, repeats):
         r["ratio_to_diffusers"] = r["per_step_s"] / ref
     return dict(sampler=name, steps=steps, first_call_s=first_s, jitted_compile_s=compile_s,
                 traces_first_call=traced_before - traces,
-                retraces_while_timed=sampling.trace_count - traced_before, contenders=rows)
+                retraces_while_timed=sampling.trace_count() - traced_before, contenders=rows)
 
 
 def marginal(results):

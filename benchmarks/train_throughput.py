@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import models, train
-from jaxdiff.process import DiscreteVP
+from jaxdiff.core.process import DiscreteVP
 
 FULL = {
     "dit": dict(name="DiT-S/2", family="dit", batch=32, image=32, channels=4, num_classes=1000,

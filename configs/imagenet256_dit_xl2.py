@@ -6,7 +6,7 @@ Not runnable yet: DiT trains on 32x32x4 latents of the Stable Diffusion VAE, and
 (encoding the dataset, decoding samples) arrives in a later release. The model section is the
 reference DiT-XL/2 (675M parameters, 118.6 GFLOPs per forward; FID 2.27 with CFG 1.5 after 7M
 steps at batch 256) with the reference parameter layout, so its checkpoints import by rename
-(`jaxdiff.models.dit_from_torch_state_dict`).
+(`jaxdiff.interop.dit_from_torch_state_dict`).
 """
 
 import os

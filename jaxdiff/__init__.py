@@ -1,12 +1,15 @@
 """jaxdiff: diffusion and flow generative models in JAX.
 
-The math layer (`process`, `denoiser`, `schedules`, `samplers`, `guidance`, `likelihood`) is
-pure functions over arrays; `sample` composes it into one call.
+Layers, imports pointing downward only (tests/test_layers.py checks it):
+  core/ (process, denoiser, schedules, guidance, losses, likelihood, closed forms: pure jax),
+  kernels/ (Pallas), samplers/ (one function per algorithm, one loop), models/ (Flax networks),
+  this facade (`sample` composes process + adapter + schedule + guidance + sampler),
+  the system: train/, eval/, data/; and cli/ on top.
 """
 
-from jaxdiff import schedules
-from jaxdiff.denoiser import Stateful, denoiser
-from jaxdiff.process import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
+from jaxdiff.core import guidance, schedules
+from jaxdiff.core.denoiser import Stateful, denoiser
+from jaxdiff.core.process import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.sampling import sample
 
@@ -22,6 +25,7 @@ __all__ = [
     "VPCosine",
     "VPLinear",
     "denoiser",
+    "guidance",
     "sample",
     "schedules",
 ]

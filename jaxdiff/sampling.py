@@ -17,14 +17,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import samplers as samplers_lib
-from jaxdiff import schedules as schedules_lib
-from jaxdiff.denoiser import Stateful, check_prediction
-from jaxdiff.denoiser import denoiser as make_denoiser
-from jaxdiff.guidance import check_guidance
-from jaxdiff.process import check_process, short_repr
+from jaxdiff.core import schedules as schedules_lib
+from jaxdiff.core.denoiser import Stateful, check_prediction
+from jaxdiff.core.denoiser import denoiser as make_denoiser
+from jaxdiff.core.guidance import check_guidance
+from jaxdiff.core.process import check_process, short_repr
 
 DEFAULT_CAPACITY = 256
-trace_count = 0  # how many times the sampling program was traced (for tests and benchmarks)
+_traces = collections.Counter()  # sampler name -> traces of the sampling program (`_core`)
+
+
+def trace_count(sampler=None):
+    """How many times the sampling program has been traced (so compiled) in this process, for
+    `sampler` or for all: tests and benchmarks check with it that a call did not recompile. It
+    counts traces, not cache entries, so `jax.clear_caches()` does not reset it."""
+    return _traces[sampler] if sampler is not None else sum(_traces.values())
 
 
 def sample(
@@ -47,19 +54,19 @@ def sample(
 
     Args:
       model_fn: the raw network, `model_fn(x, t)` with x in the process's scaling and t its
-        conditioning value; with `guidance`, `model_fn(x, t, *args)` (see `jaxdiff.guidance`).
+        conditioning value; with `guidance`, `model_fn(x, t, *args)` (see `jaxdiff.core.guidance`).
         Wrap a network and its params as `jax.tree_util.Partial(apply, params)` so that new
         params reuse the compiled program. A stateful network (a feature cache):
-        `jaxdiff.denoiser.Stateful(model_fn, init)` with `model_fn(x, t, *args, state) ->
+        `jaxdiff.core.denoiser.Stateful(model_fn, init)` with `model_fn(x, t, *args, state) ->
         (out, state)`, called once per model evaluation, the state threaded through every call
-        of the sampler (under CFG one call on [x; x], see `jaxdiff.guidance`).
-      process: a `jaxdiff.process` process; prediction: one of eps, x0, v, flow, score, edm.
+        of the sampler (under CFG one call on [x; x], see `jaxdiff.core.guidance`).
+      process: a `jaxdiff.core.process` process; prediction: one of eps, x0, v, flow, score, edm.
       sampler: a name in `jaxdiff.samplers.SAMPLERS`; steps: number of sampler steps.
-      schedule: a name in `jaxdiff.schedules.SCHEDULES`, a function `(process, steps) -> grid`,
+      schedule: a name in `jaxdiff.core.schedules.SCHEDULES`, a function `(process, steps) -> grid`,
         or an explicit grid of steps + 1 decreasing noise levels. Default: `karras` for EDM/VE,
         `trailing` for DiscreteVP, `logsnr` otherwise.
       key: PRNG key, required by stochastic samplers.
-      guidance: a guidance object from `jaxdiff.guidance` (e.g. `CFG(scale, y, y_null)`).
+      guidance: a guidance object from `jaxdiff.core.guidance` (e.g. `CFG(scale, y, y_null)`).
       capacity: largest step count the compiled program serves (default 256 or above `steps`).
       trajectory: also return the states after every step.
       time: the time variable of samplers with a `time` option (heun): "t" (the process's own
@@ -223,8 +230,7 @@ def _capacity(steps, capacity):
 
 def _core(model_fn, noise, sigmas, steps, key, process, guidance, *, sampler, prediction, options,
           trajectory, time):
-    global trace_count
-    trace_count += 1
+    _traces[sampler] += 1
     D = make_denoiser(model_fn, process, prediction)
     if guidance is not None:
         D = guidance(D)

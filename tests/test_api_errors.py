@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import guidance, schedules
-from jaxdiff.process import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
+from jaxdiff.core import guidance, schedules
+from jaxdiff.core.process import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
 
 X = jnp.zeros((2, 3))
 Y, Y_NULL = jnp.array([1, 2]), jnp.array([0])

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import pytest
 
 import jaxdiff
-from jaxdiff import data, losses, models, schedules, train
+from jaxdiff import data, models, train
+from jaxdiff.core import losses, schedules
 from jaxdiff.train import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

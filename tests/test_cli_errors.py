@@ -148,28 +148,62 @@ def test_out_in_read_only_directory(run, tmp_path):
 
 def test_unwritable_directory_is_refused(monkeypatch, tmp_path):
     """What the read-only test checks, where permission bits do not apply (as root)."""
-    from jaxdiff import cli
+    from jaxdiff.cli import flags as cli_flags
 
     monkeypatch.setattr(os, "access", lambda *args: False)
     with pytest.raises(ValueError, match="is not writable; allowed: a directory"):
-        cli._check_writable("--out", f"{tmp_path}/grid.png", str(tmp_path), create=False)
+        cli_flags._check_writable("--out", f"{tmp_path}/grid.png", str(tmp_path), create=False)
     with pytest.raises(ValueError, match=re.escape(f"--workdir={tmp_path}/run: the directory")):
-        cli._check_writable("--workdir", f"{tmp_path}/run", f"{tmp_path}/run")
+        cli_flags._check_writable("--workdir", f"{tmp_path}/run", f"{tmp_path}/run")
 
 
 def test_memory_check_names_the_flag_and_the_limit(monkeypatch):
     from ml_collections import ConfigDict
 
-    from jaxdiff import cli
+    from jaxdiff.cli import flags as cli_flags
 
     config = ConfigDict({"data": {"name": "moons", "data_dir": None}})
-    monkeypatch.setattr(cli, "_memory_limit", lambda: (10 * 2**30, "2 gpu device(s)"))
-    cli._check_memory("--num", 10**8, config, "the samples")  # 3 GiB: fits
+    monkeypatch.setattr(cli_flags, "_memory_limit", lambda: (10 * 2**30, "2 gpu device(s)"))
+    cli_flags.check_memory("--num", 10**8, config, "the samples")  # 3 GiB: fits
     with pytest.raises(ValueError) as e:
-        cli._check_memory("--num", 10**9, config, "the samples")
+        cli_flags.check_memory("--num", 10**9, config, "the samples")
     assert str(e.value).startswith("--num=1000000000: the samples would take at least 29.8 GiB")
     assert "more than the 10 GiB available on 2 gpu device(s)" in str(e.value)
-    assert cli._host_available() > 0
+    assert cli_flags._host_available() > 0
+
+
+def test_config_file_runs_once(tmp_path):
+    """The CLI loads --config itself (one-line errors) and hands that config to absl's flag,
+    so the file runs once: FLAGS.config is the config it loaded, locked."""
+    import contextlib
+    import io
+
+    from jaxdiff import cli
+
+    runs = tmp_path / "runs.txt"
+    path = tmp_path / "counting.py"
+    path.write_text(f"import ml_collections\nopen({str(runs)!r}, 'a').write('x')\n\n\n"
+                    "def get_config():\n    return ml_collections.ConfigDict(dict(a=1))\n")
+    cli.FLAGS.unparse_flags()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            code = cli.main(["jaxdiff", "sample", f"--config={path}", "--num=0"])  # refused
+        assert code == 2 and "--num=0 must be a positive number" in err.getvalue()
+        assert cli.FLAGS.config.a == 1 and cli.FLAGS.config.is_locked
+    finally:
+        cli.FLAGS.unparse_flags()
+    assert runs.read_text() == "x"
+
+
+def test_eval_flag_names_are_the_librarys():
+    """The CLI checks --features and --divergence before importing jax, against its own copies
+    of the library's names; they must agree."""
+    from jaxdiff.cli import flags as cli_flags
+    from jaxdiff.core import likelihood
+    from jaxdiff.eval import quality
+
+    assert cli_flags.FEATURES == quality.FEATURES
+    assert cli_flags.DIVERGENCES == likelihood.DIVERGENCES
 
 
 def _launch(tmp_path, python, *args):

@@ -204,3 +204,13 @@ def test_sample_grid_with_one_class_is_square(tmp_path, monkeypatch):
     commands.sample(load("digits"), str(tmp_path), out=str(out), num=23, seed=0, label=3)
     cols = math.ceil(math.sqrt(23))
     assert np.asarray(Image.open(out)).shape[1] == (cols * 9 - 1) * 4
+
+
+def test_unknown_section_is_refused():
+    """The sections are exactly validate.SECTIONS; the empty `eval` section of old configs is
+    gone (eval settings are the eval command's flags)."""
+    config = load("digits")
+    config.eval = dict()
+    with pytest.raises(ValueError, match=r"^config section 'eval' is unknown; allowed: model, "
+                                         r"process, loss, sampler, optim, data, train, mesh$"):
+        check_config(config)

@@ -7,14 +7,15 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxdiff import models, samplers, schedules
+from jaxdiff import models, samplers
 from jaxdiff.cli import build
+from jaxdiff.core import schedules
 from jaxdiff.train import init_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["digits", "toy2d", "cifar10_ddpmpp", "cifar10_edm", "cifar10_dit",
            "imagenet256_dit_xl2"]
-SECTIONS = {"model", "process", "loss", "sampler", "optim", "data", "train", "eval", "mesh"}
+SECTIONS = {"model", "process", "loss", "sampler", "optim", "data", "train", "mesh"}
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import analytic, schedules
-from jaxdiff.process import EDM
+from jaxdiff.core import analytic, schedules
+from jaxdiff.core.process import EDM
 from jaxdiff.samplers import SAMPLERS
 
 MU, STD = 0.3, 0.6

@@ -197,6 +197,8 @@ def test_errors(tmp_path, digits_dir):
         data.build("moons", "validation", batch_size=8)
     with pytest.raises(ValueError, match="random_flip"):
         data.build("moons", "train", batch_size=8, random_flip=True)
+    with pytest.raises(ValueError, match=r"^random_flip=True mirrors 'digits16' \(a mirrored "):
+        data.build("digits16", "train", batch_size=8, random_flip=True, data_dir=digits_dir)
     with pytest.raises(ValueError, match="do not fill one batch of"):
         data.build("digits", "test", batch_size=256, data_dir=digits_dir)
 

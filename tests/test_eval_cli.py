@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import analytic, likelihood
-from jaxdiff.denoiser import denoiser, model_from_denoiser
-from jaxdiff.eval import digits, metrics, quality, train_digits
-from jaxdiff.process import EDM
+from jaxdiff.core import analytic, likelihood
+from jaxdiff.core.denoiser import denoiser, model_from_denoiser
+from jaxdiff.core.process import EDM
+from jaxdiff.eval import digits, metrics, plots, quality, train_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [  # tests/test_train.py's small digits run, 2 steps
@@ -236,15 +236,15 @@ def test_real_fd_matches_count_and_class_balance(split):
 
 def test_bits_per_dim_batches_match_closed_form():
     """N(0, s^2 I) data with its exact denoiser: the model density at sigma_min is
-    N(0, (s^2 + sigma_min^2) I) (`jaxdiff.likelihood`); batching with a padded last batch and the
-    exact divergence ("auto" in 2-D) reproduce it per example."""
+    N(0, (s^2 + sigma_min^2) I) (`jaxdiff.core.likelihood`); batching with a padded last batch
+    and the exact divergence ("auto" in 2-D) reproduce it per example."""
     s, process = 0.7, EDM(t_min=0.01, t_max=20.0)
     net = model_from_denoiser(analytic.gaussian_denoiser(0.0, s), process, "edm")
     x = np.random.default_rng(0).normal(0, s, (7, 2)).astype(np.float32)
-    bpd = quality.bits_per_dim(net, process, "edm", x, key=jax.random.key(0), quantized=False,
-                               divergence="auto", batch=3)
-    assert quality.resolve_divergence("auto", (2,)) == "exact"
-    assert quality.resolve_divergence("auto", (8, 8, 1)) == "hutchinson"
+    bpd = quality.batched_bits_per_dim(net, process, "edm", x, key=jax.random.key(0),
+                                       quantized=False, divergence="auto", batch=3)
+    assert likelihood.resolve_divergence("auto", (2,)) == "exact"
+    assert likelihood.resolve_divergence("auto", (8, 8, 1)) == "hutchinson"
     D = denoiser(net, process, "edm")
     whole = likelihood.bits_per_dim(D, jnp.asarray(x), sigma_min=0.01, sigma_max=20.0,
                                     divergence="exact")
@@ -253,3 +253,26 @@ def test_bits_per_dim_batches_match_closed_form():
     np.testing.assert_allclose(bpd, -np.asarray(logp) / (2 * np.log(2)), atol=3e-3)  # 1.6e-3
     assert quality.count_nfe(process, "edm", sampler="dpmpp_3m", steps=7, shape=(2,)) == 7
     assert quality.count_nfe(process, "edm", sampler="ode", steps=7, shape=(2,)) is None
+
+
+def test_library_errors_name_the_librarys_arguments(tmp_path):
+    """eval's functions name their own arguments; only the CLI speaks of flags."""
+    cases = [(lambda: quality.feature_fn("clip"), r"^features='clip' is unknown; allowed: "),
+             (lambda: quality.feature_fn("inception"), r"^features='inception' needs "
+              r"inception_weights=<\.pth or \.npz file>"),
+             (lambda: plots.read_metrics_log(str(tmp_path / "metrics.jsonl")),
+              r"^no training log \S+metrics\.jsonl$")]
+    for call, match in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=match) as e:
+            call()
+        assert "--" not in str(e.value)
+
+
+def test_which_features_and_classifier_judge_a_dataset():
+    """One place says how a dataset's samples are judged: the digits network's features and
+    its classifier for the digits, the data itself for 2-D toy sets, Inception for images."""
+    assert [quality.default_features(n) for n in ("digits", "digits16", "moons", "cifar10")] == [
+        "digits", "digits", "raw", "inception"]
+    assert quality.classifier_agreement_fn("digits16") is digits.agreement
+    assert quality.classifier_agreement_fn("moons") is None
+    assert quality.classifier_agreement_fn("cifar10") is None

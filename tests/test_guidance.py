@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import analytic, guidance, sampling
-from jaxdiff.denoiser import model_from_denoiser
-from jaxdiff.process import EDM
+from jaxdiff import sampling
+from jaxdiff.core import analytic, guidance
+from jaxdiff.core.denoiser import model_from_denoiser
+from jaxdiff.core.process import EDM
 from jaxdiff.samplers.single import ddim
 
 MEANS = jnp.array([[1.0, -1.0, 0.5, 0.0], [-1.0, 1.0, 0.0, 0.5], [0.2, 0.0, 0.0, 0.1]])
@@ -93,7 +94,7 @@ def test_guidance_interval_values_and_rows():
     jax.effects_barrier()
     assert counter.rows == 2 * 2 * B + 3 * B  # two guided evaluations, three conditional only
     # In a sampler: 12 DDIM steps on a Karras grid, rows = B per step plus B more per step inside.
-    sigmas = jnp.asarray(jaxdiff.schedules.karras(EDM(), 12))
+    sigmas = jnp.asarray(jaxdiff.core.schedules.karras(EDM(), 12))
     counter.rows = 0
     jax.jit(lambda x: ddim(g(counter), x, sigmas))(X)
     jax.effects_barrier()
@@ -102,7 +103,7 @@ def test_guidance_interval_values_and_rows():
 
 
 def test_adaptive_nfe_and_calibration():
-    sigmas = jnp.asarray(jaxdiff.schedules.karras(EDM(), 16))
+    sigmas = jnp.asarray(jaxdiff.core.schedules.karras(EDM(), 16))
     x = X * 80.0
     sigma_stop, sim = jax.jit(
         lambda x: guidance.calibrate_adaptive(class_denoiser, x, sigmas, Y, NULL, 3.0, 0.99))(x)
@@ -139,7 +140,7 @@ def test_autoguidance_closed_form_and_sample():
     g = guidance.Autoguidance(weak_model_fn=weak_fn, process=process, prediction="edm", scale=w)
     got = jaxdiff.sample(model_from_denoiser(D_main, process, "edm"), X, process=process,
                          prediction="edm", sampler="ddim", steps=8, guidance=g)
-    sigmas = jnp.asarray(jaxdiff.schedules.karras(process, 8))
+    sigmas = jnp.asarray(jaxdiff.core.schedules.karras(process, 8))
     want = ddim(guidance.autoguidance(D_main, D_weak, w), X * sigmas[0], sigmas)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -173,18 +174,18 @@ def test_sample_cfg_compiles_once():
     process = EDM()
     model = model_from_denoiser(class_denoiser, process, "edm")
     kw = dict(process=process, prediction="edm", sampler="ddim", steps=6)
-    n0 = sampling.trace_count
+    n0 = sampling.trace_count()
     out = [jaxdiff.sample(model, X, guidance=guidance.CFG(scale=w, y=Y, y_null=NULL), **kw)
            for w in (1.5, 4.0)]
-    assert sampling.trace_count == n0 + 1
-    sigmas = jnp.asarray(jaxdiff.schedules.karras(process, 6))
+    assert sampling.trace_count() == n0 + 1
+    sigmas = jnp.asarray(jaxdiff.core.schedules.karras(process, 6))
     want = ddim(guidance.cfg(class_denoiser, 4.0, Y, NULL), X * sigmas[0], sigmas)
     np.testing.assert_allclose(out[1], want, rtol=1e-4, atol=1e-4)
     assert not np.allclose(out[0], out[1], atol=1e-2)
-    n0 = sampling.trace_count  # the interval's bounds are data too
+    n0 = sampling.trace_count()  # the interval's bounds are data too
     for lo, hi in [(0.5, 3.0), (0.2, 5.0)]:
         jaxdiff.sample(model, X, guidance=guidance.CFG(4.0, Y, NULL, interval=(lo, hi)), **kw)
-    assert sampling.trace_count == n0 + 1
+    assert sampling.trace_count() == n0 + 1
     g = guidance.CFG(scale=4.0, y=Y, y_null=NULL)
     chained = guidance.Chain((g, guidance.DynamicThreshold()))
     got = jaxdiff.sample(model, X, guidance=chained, **kw)

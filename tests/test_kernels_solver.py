@@ -10,10 +10,10 @@ from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
 import jaxdiff
-from jaxdiff import analytic
-from jaxdiff.denoiser import model_from_denoiser
+from jaxdiff.core import analytic
+from jaxdiff.core.denoiser import model_from_denoiser
+from jaxdiff.core.process import EDM
 from jaxdiff.kernels.solver_step import solver_step, solver_step_reference
-from jaxdiff.process import EDM
 from jaxdiff.samplers import SAMPLERS
 
 TOL = {jnp.float32: 1e-6, jnp.bfloat16: 1e-2}
@@ -152,7 +152,7 @@ def test_sample_passes_use_kernel():
 
 
 def test_gradient_through_sampler_with_kernel():
-    """What `jaxdiff.schedule_opt` differentiates: the sample w.r.t. the grid and the start."""
+    """What `jaxdiff.core.schedule_opt` differentiates: the sample w.r.t. the grid and the start."""
     den = analytic.gaussian_denoiser(MU, STD)
     x = SIGMAS[0] * jax.random.normal(jax.random.key(3), (2, 3, 4, 4))
 

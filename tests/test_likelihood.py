@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import analytic, likelihood
-from jaxdiff.denoiser import model_from_denoiser
-from jaxdiff.process import VPLinear
+from jaxdiff.core import analytic, likelihood
+from jaxdiff.core.denoiser import model_from_denoiser
+from jaxdiff.core.process import VPLinear
 
 MU, STD, DIM = 0.4, 0.6, 4
 S_MIN, S_MAX = 1e-3, 1e3
@@ -50,7 +50,7 @@ def test_exact_divergence_matches_closed_form(prior, tol):
 
 
 def test_process_denoiser_matches_closed_form():
-    """A VP network (eps-prediction) through `jaxdiff.denoiser`, range taken from the process."""
+    """A VP network (eps-prediction) through `jaxdiff.core.denoiser`, range from the process."""
     process = VPLinear()
     D = jaxdiff.denoiser(model_from_denoiser(analytic.gaussian_denoiser(MU, STD), process, "eps"),
                          process, "eps")
@@ -143,3 +143,15 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="dequantize"):
         likelihood.bits_per_dim(D, x, sigma_min=S_MIN, sigma_max=S_MAX, dequantize=True,
                                 divergence="exact")
+
+
+def test_auto_divergence_is_exact_for_small_data_only():
+    """"auto": the exact trace up to EXACT_MAX_DIM values per example, Hutchinson's above (which
+    then needs a key); the named choices stay as they are."""
+    n = likelihood.EXACT_MAX_DIM
+    assert likelihood.resolve_divergence("auto", (n,)) == "exact"
+    assert likelihood.resolve_divergence("auto", (n + 1,)) == "hutchinson"
+    assert likelihood.resolve_divergence("exact", (n + 1,)) == "exact"
+    with pytest.raises(ValueError, match="divergence='auto' needs key"):
+        likelihood.nll(analytic.gaussian_denoiser(MU, STD), jnp.zeros((2, n + 1)),
+                       sigma_min=S_MIN, sigma_max=S_MAX, divergence="auto")

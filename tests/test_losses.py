@@ -1,4 +1,4 @@
-"""Tests for jaxdiff.losses: Bayes optimality of the ideal denoiser under every process and
+"""Tests for jaxdiff.core.losses: Bayes optimality of the ideal denoiser under every process and
 prediction, target formulas, closed-form weightings, time-sampling statistics, an end-to-end fit.
 
 For data N(MEAN, STD^2) the ideal denoiser is known (`analytic.gaussian_denoiser`); wrapped as a
@@ -14,10 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdiff.analytic import gaussian_denoiser
-from jaxdiff.denoiser import denoiser, model_from_denoiser
-from jaxdiff.losses import diffusion_loss, loss_weight, sample_time
-from jaxdiff.process import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
+from jaxdiff.core.analytic import gaussian_denoiser
+from jaxdiff.core.denoiser import denoiser, model_from_denoiser
+from jaxdiff.core.losses import diffusion_loss, loss_weight, sample_time
+from jaxdiff.core.process import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
 
 PROCESSES = {
     "discrete_vp": DiscreteVP.linear(),
@@ -155,7 +155,7 @@ def test_x0_space_weightings_agree_across_predictions(name):
 )
 def test_weighted_loss_is_x0_error_of_the_sampling_denoiser(name, prediction):
     """For an arbitrary network, the min_snr / edm loss equals w_x0 * |D(x_ve) - x0|^2 with D the
-    sampling-time adapter `jaxdiff.denoiser.denoiser`: training and sampling agree."""
+    sampling-time adapter `jaxdiff.core.denoiser.denoiser`: training and sampling agree."""
     process, seen = PROCESSES[name], {}
 
     def net(x, c):

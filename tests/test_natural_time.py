@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import analytic, sampling, schedules
-from jaxdiff.denoiser import model_from_denoiser
-from jaxdiff.process import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
+from jaxdiff import sampling
+from jaxdiff.core import analytic, schedules
+from jaxdiff.core.denoiser import model_from_denoiser
+from jaxdiff.core.process import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
 from jaxdiff.samplers import SAMPLERS
 
 heun = SAMPLERS["heun"]

@@ -135,7 +135,7 @@ def _setup(name):
     import numpy as np
 
     from jaxdiff import models, train
-    from jaxdiff.process import EDM
+    from jaxdiff.core.process import EDM
 
     model, shape = {"mlp": (models.build("mlp", width=16, depth=2, num_classes=3), (2,)),
                     "dit": (models.build("dit", depth=1, hidden_size=16, num_heads=2,
@@ -227,7 +227,7 @@ def _sample_cases(params):
     import jaxdiff
     from jaxdiff import train
     from jaxdiff.cli import build, commands
-    from jaxdiff.guidance import CFG
+    from jaxdiff.core.guidance import CFG
     from jaxdiff.train import parallel
 
     config = _toy_config()

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import analytic
-from jaxdiff.denoiser import PREDICTIONS, denoiser, model_from_denoiser
-from jaxdiff.process import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
+from jaxdiff.core import analytic
+from jaxdiff.core.denoiser import PREDICTIONS, denoiser, model_from_denoiser
+from jaxdiff.core.process import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
 
 PROCESSES = [DiscreteVP.linear(), DiscreteVP.cosine(), VPLinear(), VPCosine(), VE(), EDM(),
              RectifiedFlow()]

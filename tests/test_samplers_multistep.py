@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import analytic, sampling, schedules
-from jaxdiff.denoiser import denoiser as make_denoiser
-from jaxdiff.denoiser import model_from_denoiser
-from jaxdiff.process import EDM, DiscreteVP
+from jaxdiff import sampling
+from jaxdiff.core import analytic, schedules
+from jaxdiff.core.denoiser import denoiser as make_denoiser
+from jaxdiff.core.denoiser import model_from_denoiser
+from jaxdiff.core.process import EDM, DiscreteVP
 from jaxdiff.samplers import SAMPLERS
 
 # Two-component mixture in 3 dims: a nonlinear denoiser, so the history really matters.
@@ -77,7 +78,7 @@ def test_sample_serves_both_lower_order_final_regimes_with_one_program():
     for steps in (5, 12, 20):  # n < 15 lowers the last steps' order, n = 20 does not
         x = jaxdiff.sample(model, noise, process=process, prediction="x0", sampler="dpmpp_3m",
                            steps=steps, capacity=32)
-        counts.append(sampling.trace_count)
+        counts.append(sampling.trace_count())
     grid = jnp.asarray(schedules.karras(process, 20), jnp.float32)
     ref = SAMPLERS["dpmpp_3m"](D, noise * grid[0], grid)  # its own, unpadded program
     np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import analytic, schedules
-from jaxdiff.process import EDM, DiscreteVP
+from jaxdiff.core import analytic, schedules
+from jaxdiff.core.process import EDM, DiscreteVP
 from jaxdiff.samplers import SAMPLERS
 from tests.diffusers_ref import diffusers_loop, eps_jax
 

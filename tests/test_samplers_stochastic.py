@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import analytic, schedules
-from jaxdiff.denoiser import denoiser as make_denoiser
-from jaxdiff.process import EDM, DiscreteVP
+from jaxdiff.core import analytic, schedules
+from jaxdiff.core.denoiser import denoiser as make_denoiser
+from jaxdiff.core.process import EDM, DiscreteVP
 from jaxdiff.samplers import SAMPLERS, single, stochastic
 from jaxdiff.samplers.base import step_key
 from tests import diffusers_ref

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import analytic, sampling, schedules
-from jaxdiff.denoiser import model_from_denoiser
-from jaxdiff.process import EDM, VE, DiscreteVP, RectifiedFlow, VPLinear
+from jaxdiff import sampling
+from jaxdiff.core import analytic, schedules
+from jaxdiff.core.denoiser import model_from_denoiser
+from jaxdiff.core.process import EDM, VE, DiscreteVP, RectifiedFlow, VPLinear
 
 MU, STD = 0.3, 0.6
 
@@ -44,14 +45,15 @@ def test_no_recompile_for_steps_schedule_and_model_params():
     noise = jnp.ones((2, 3))
     # network params as data: a Partial's bound arrays are traced, not baked in
     model = lambda scale, x, c: scale * _model(p, "edm")(x, c)  # noqa: E731
-    before = sampling.trace_count
+    before, ddim_before = sampling.trace_count(), sampling.trace_count("ddim")
     outs = []
     for steps, sched, scale in [(5, "karras", 1.0), (17, "karras", 1.0), (9, "logsnr", 1.0),
                                 (9, "logsnr", 0.5), (30, schedules.time_uniform, 2.0)]:
         fn = jax.tree_util.Partial(model, jnp.asarray(scale))
         outs.append(jaxdiff.sample(fn, noise, process=p, prediction="edm", sampler="ddim",
                                    steps=steps, schedule=sched))
-    assert sampling.trace_count - before == 1
+    assert sampling.trace_count() - before == 1
+    assert sampling.trace_count("ddim") - ddim_before == 1  # counted per sampler, too
     assert not np.allclose(outs[0], outs[1])  # the knobs did change the result
 
 

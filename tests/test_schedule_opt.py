@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import analytic, schedules
-from jaxdiff.process import EDM
+from jaxdiff.core import analytic, schedules
+from jaxdiff.core.process import EDM
+from jaxdiff.core.schedule_opt import grid_from_logits, logits_from_grid, optimize_schedule
 from jaxdiff.samplers import SAMPLERS
-from jaxdiff.schedule_opt import grid_from_logits, logits_from_grid, optimize_schedule
 
 MEANS = np.array([[-1.0, 0.5], [1.0, -0.5], [0.2, 1.0]])
 

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff import schedules
-from jaxdiff.process import EDM, DiscreteVP, RectifiedFlow, VPLinear
+from jaxdiff.core import schedules
+from jaxdiff.core.process import EDM, DiscreteVP, RectifiedFlow, VPLinear
 
 
 def _train_sigmas(p):

@@ -1,5 +1,5 @@
-"""Stateful denoisers (`jaxdiff.denoiser.Stateful`, contract in `jaxdiff.samplers.base`) through
-every sampler in the registry, the prediction adapter, the guidance transforms and
+"""Stateful denoisers (`jaxdiff.core.denoiser.Stateful`, contract in `jaxdiff.samplers.base`)
+through every sampler in the registry, the prediction adapter, the guidance transforms and
 `jaxdiff.sample`: the state counts the model calls that actually run (= the exact NFE), a state
 that changes nothing leaves the samples bit-for-bit equal, a cache that reuses every other output
 matches a hand-written loop, and repeated calls reuse one compiled program."""
@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import analytic, guidance, sampling, schedules
-from jaxdiff.denoiser import NO_STATE, Stateful, model_from_denoiser
-from jaxdiff.process import EDM, RectifiedFlow
+from jaxdiff import sampling
+from jaxdiff.core import analytic, guidance, schedules
+from jaxdiff.core.denoiser import NO_STATE, Stateful, model_from_denoiser
+from jaxdiff.core.process import EDM, RectifiedFlow
 from jaxdiff.samplers import SAMPLERS
 
 REFUSED = {"ode"}  # diffrax's adaptive loop cannot carry a state (see `ode`'s docstring)
@@ -190,10 +191,10 @@ def test_sample_threads_state_through_guidance(g, nfe):
     assert int(calls) == nfe  # heun, 6 steps to 0: 2 * 6 - 1 model calls, guided or not
     assert last.shape == (2 * X.shape[0], X.shape[1]) and np.any(np.asarray(last) != 0)
     # new initial state and step count: the same program
-    before = sampling.trace_count
+    before = sampling.trace_count()
     _, (calls2, _) = _sample(Stateful(stateful_model, model_state(100)), g, steps=4)
     assert int(calls2) == 100 + 7
-    assert sampling.trace_count == before
+    assert sampling.trace_count() == before
 
 
 def test_sample_trajectory_and_stochastic_with_state():

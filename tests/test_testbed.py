@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff.guidance import CFG
+from jaxdiff.core.guidance import CFG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))

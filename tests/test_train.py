@@ -14,8 +14,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxdiff import losses, models, train
-from jaxdiff.process import EDM
+from jaxdiff import models, train
+from jaxdiff.core import losses
+from jaxdiff.core.process import EDM
 
 TINY = [  # a small, fast run of the digits demo config
     "--config=configs/digits.py", "--config.model.channels=8", "--config.model.channel_mult=(1,)",

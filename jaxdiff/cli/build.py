@@ -7,7 +7,7 @@ import jax
 from jaxdiff import data as data_lib
 from jaxdiff import models
 from jaxdiff import train as train_lib
-from jaxdiff.process import PROCESSES, DiscreteVP
+from jaxdiff.core.process import PROCESSES, DiscreteVP
 from jaxdiff.train import parallel
 
 BETA_SCHEDULES = {"linear": DiscreteVP.linear, "scaled_linear": DiscreteVP.scaled_linear,

@@ -12,8 +12,8 @@ import numpy as np
 import jaxdiff
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build, validate
+from jaxdiff.core.guidance import CFG
 from jaxdiff.eval import images
-from jaxdiff.guidance import CFG
 from jaxdiff.train import faults, parallel, rundir
 from jaxdiff.train.checkpoint import Checkpointer, CheckpointError
 
@@ -22,8 +22,7 @@ from jaxdiff.train.checkpoint import Checkpointer, CheckpointError
 # Any other change (optim.lr, loss, data, process, train.seed, ...) is refused on resume.
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep",
                      "train.sample_every", "train.num_samples", "train.skip_nonfinite", "sampler",
-                     "eval", "mesh", "data.data_dir") + tuple(f"model.{k}" for k in
-                                                             build.COMPUTE_ONLY)
+                     "mesh", "data.data_dir") + tuple(f"model.{k}" for k in build.COMPUTE_ONLY)
 
 
 def train(config, workdir):

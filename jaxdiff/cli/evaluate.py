@@ -16,6 +16,7 @@ from ml_collections import ConfigDict
 
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build, commands
+from jaxdiff.core import likelihood
 from jaxdiff.eval import images, plots, quality
 from jaxdiff.train import parallel
 
@@ -43,6 +44,14 @@ def load(config, workdir, *, split):
     mesh = parallel.make_mesh()
     model, process, params, step = commands.restore(config, workdir, mesh)
     return Run(config, workdir, model, process, params, step, mesh, split)
+
+
+def feature_fn(features, inception_weights):
+    """`quality.feature_fn`, its missing weights file named as the flags that give it."""
+    if features == "inception" and not inception_weights:
+        raise ValueError("--features=inception needs --inception_weights=<.pth or .npz file> "
+                         f"({quality.INCEPTION_FILE}; nothing is downloaded)")
+    return quality.feature_fn(features, inception_weights=inception_weights)
 
 
 def reference(run, featurize, *, features, num, seed):
@@ -86,10 +95,9 @@ def quality_of(run, ref, *, metrics, sampler, steps, num, seed, guidance):
                                    steps=steps, shape=build.data_info(cfg)["shape"],
                                    schedule=cfg.sampler.schedule, options=cfg.sampler.options)
     row.update(quality.sample_quality(x, real_feats, featurize, metrics=metrics))
-    if ref[2]["features"] == "digits" and labels is not None:
-        from jaxdiff.eval import digits
-
-        row["classifier_agreement"] = digits.agreement(x, labels)[0]
+    agreement = quality.classifier_agreement_fn(run.config.data.name)
+    if agreement is not None and labels is not None:
+        row["classifier_agreement"] = agreement(x, labels)[0]
     return row
 
 
@@ -101,12 +109,12 @@ def nll_of(run, *, num, seed, divergence):
     net = train_lib.network(run.model, run.params)
     K = commands.classes(run.config)
     args = (np.full(len(x), K, np.int32),) if K else ()
-    bpd = quality.bits_per_dim(net, run.process, run.config.loss.prediction, x,
-                               key=jax.random.key(seed), args=args, quantized=x.ndim == 4,
-                               divergence=divergence, batch=min(NLL_BATCH, len(x)))
+    bpd = quality.batched_bits_per_dim(net, run.process, run.config.loss.prediction, x,
+                                       key=jax.random.key(seed), args=args, quantized=x.ndim == 4,
+                                       divergence=divergence, batch=min(NLL_BATCH, len(x)))
     return {"bpd": float(np.mean(bpd)), "bpd_std_err": float(np.std(bpd) / np.sqrt(len(bpd))),
             "nll_examples": len(bpd),
-            "divergence": quality.resolve_divergence(divergence, x.shape[1:]),
+            "divergence": likelihood.resolve_divergence(divergence, x.shape[1:]),
             "nll_s": round(time.time() - t0, 2)}
 
 
@@ -115,7 +123,7 @@ def evaluate(config, workdir, *, metrics, sampler, steps, num, seed, guidance, f
     """Writes the JSON report `out` of `metrics` for one sampler setting; returns it."""
     quality_metrics = {"fd", "pr"} & set(metrics)
     if quality_metrics:  # a missing weights file shows before the checkpoint is read
-        featurize = quality.feature_fn(features, inception_weights=inception_weights)
+        featurize = feature_fn(features, inception_weights)
     run = load(config, workdir, split=split)
     report = {"workdir": workdir, "step": run.step, "dataset": config.data.name}
     sampler, steps = sampler or config.sampler.name, steps or config.sampler.steps
@@ -142,7 +150,7 @@ def sweep(config, workdir, *, metrics, samplers, steps_list, num, seed, guidance
     if adaptive:
         raise ValueError(f"--samplers: {adaptive[0]!r} is adaptive (its NFE depends on the "
                          "model, not on --steps); the sweep takes fixed-step samplers")
-    featurize = quality.feature_fn(features, inception_weights=inception_weights)
+    featurize = feature_fn(features, inception_weights)
     run = load(config, workdir, split=split)
     ref = reference(run, featurize, features=features, num=num, seed=seed)
     rows = []
@@ -189,9 +197,12 @@ def real_data_line(facts):
 
 def plot(workdir, *, out):
     """Training curves of `workdir` (its metrics.jsonl) as a PNG."""
+    log = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(log):
+        raise FileNotFoundError(f"no training log {log}; train first with "
+                                "jaxdiff train --config ... --workdir ...")
     rows = plots.read_metrics_log(
-        os.path.join(workdir, "metrics.jsonl"),
-        warn=lambda message: print(f"jaxdiff plot: warning: {message}", file=sys.stderr))
+        log, warn=lambda message: print(f"jaxdiff plot: warning: {message}", file=sys.stderr))
     plots.plot_training(rows, out, title=workdir)
     print(f"wrote {out} ({len(rows)} logged steps, last {rows[-1]['step']})")
 

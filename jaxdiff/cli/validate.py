@@ -17,14 +17,16 @@ import numbers
 import jax
 import numpy as np
 
-from jaxdiff import losses, samplers, schedules
+from jaxdiff import data as data_lib
+from jaxdiff import samplers
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build
-from jaxdiff.denoiser import PREDICTIONS
-from jaxdiff.guidance import CFG
+from jaxdiff.core import losses, schedules
+from jaxdiff.core.denoiser import PREDICTIONS
+from jaxdiff.core.guidance import CFG
 from jaxdiff.train import faults, parallel
 
-SECTIONS = ("model", "process", "loss", "sampler", "optim", "data", "train", "eval", "mesh")
+SECTIONS = ("model", "process", "loss", "sampler", "optim", "data", "train", "mesh")
 KEYS = {  # the sections with a fixed set of keys (model and process fields depend on the name)
     "loss": ("prediction", "weighting", "time_sampling", "p_uncond"),
     "sampler": ("name", "steps", "schedule", "guidance", "options"),
@@ -34,8 +36,7 @@ KEYS = {  # the sections with a fixed set of keys (model and process fields depe
               "skip_nonfinite"),
     "mesh": tuple(parallel.AXES),
 }
-OPTIONAL = {"data.latent_shape", "train.skip_nonfinite", "mesh.data", "mesh.fsdp", "mesh.tensor",
-            "eval"}
+OPTIONAL = {"data.latent_shape", "train.skip_nonfinite", "mesh.data", "mesh.fsdp", "mesh.tensor"}
 LR_SCHEDULES = ("cosine", "constant")  # jaxdiff.train.make_optimizer
 # model keys that decide whether a model can take the data's shape, named in that error
 SHAPE_KEYS = ("preset", "channels", "channel_mult", "attn_resolutions", "norm_groups",
@@ -181,9 +182,10 @@ def _check_data(config):
     if d.random_flip and len(shape) != 3:
         raise ValueError(f"data.random_flip=True does not apply to {d.name!r}: its examples are "
                          f"vectors of shape {shape}, not images; allowed: False")
-    if d.random_flip and d.name.startswith("digits"):
-        raise ValueError(f"data.random_flip=True mirrors {d.name!r} (a mirrored digit is not a "
-                         "digit); allowed: False")
+    try:
+        data_lib.check_random_flip(d.name, d.random_flip)
+    except ValueError as e:
+        raise ValueError(f"data.{_line(e)}") from None
     return dict(info, shape=shape)
 
 

@@ -7,6 +7,13 @@ digits, prepared automatically as a TFDS dataset, and 2-D toy sets); any other n
 in TFDS.
 """
 
-from jaxdiff.data.pipeline import BUILTINS, DatasetNotPreparedError, build, info
+from jaxdiff.data.pipeline import (
+    BUILTINS,
+    DIGITS,
+    DatasetNotPreparedError,
+    build,
+    check_random_flip,
+    info,
+)
 
-__all__ = ["BUILTINS", "DatasetNotPreparedError", "build", "info"]
+__all__ = ["BUILTINS", "DIGITS", "DatasetNotPreparedError", "build", "check_random_flip", "info"]

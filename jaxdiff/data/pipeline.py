@@ -197,6 +197,14 @@ def _check_args(name, batch_size, seed, num_epochs, process_index, process_count
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}")
     if name in toy2d.GENERATORS and (flip or size is not None):
         raise ValueError(f"random_flip and image_size do not apply to toy set {name!r}")
+    check_random_flip(name, flip)
+
+
+def check_random_flip(name, random_flip):
+    """Refuses ``random_flip=True`` for the digits datasets: a mirrored digit is not a digit."""
+    if random_flip and name in DIGITS:
+        raise ValueError(f"random_flip=True mirrors {name!r} (a mirrored digit is not a digit); "
+                         "allowed: False")
 
 
 def build(

@@ -12,7 +12,9 @@ TensorFlow 1.x did (source pixel = dst * in/out, no half-pixel offset) and scale
 Weights: the pytorch-fid / torch-fidelity file `pt_inception-2015-12-05-6726825d.pth` (a torch
 state_dict, keys like `Mixed_5b.branch1x1.conv.weight`, `...bn.running_var`, `fc.weight`) is
 read by `load_fid_weights`; torch is imported only for `.pth`. `convert_pth_to_npz` writes the
-same state_dict as a `.npz` that loads without torch. Nothing is downloaded.
+same state_dict as a `.npz` that loads without torch. Nothing is downloaded. The key map lives
+here, beside the network, because these weights are part of the metric's definition; the
+generic PyTorch pieces (file reading, kernel layout) are `jaxdiff.interop.torch_weights`.
 
 Convention: `fid_features` takes NHWC images with values in [0, 255] (uint8 or float, like
 torch-fidelity's uint8 input; use `jaxdiff.eval.images.to_uint8` on model outputs in [-1, 1], which
@@ -28,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from jaxdiff.interop.torch_weights import kernel_from_torch, nest, read_state_dict, to_numpy
 
 INPUT_SIZE = 299
 _HIGHEST = jax.lax.Precision.HIGHEST  # FID wants f32 convolutions, not TF32/bf16 passes
@@ -307,20 +311,15 @@ def param_shapes():
 _BN_LEAVES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
 
-def _flax_path(key):
-    """torch state_dict key -> flax path, or None for keys that carry no weights."""
+def _param_path_of_key(key):
+    """pytorch-fid state_dict key -> FIDInceptionV3 param path, or None for keys that carry no
+    weights (`num_batches_tracked`)."""
     *modules, leaf = key.split(".")
     if leaf == "num_batches_tracked":
         return None
     if modules and modules[-1] == "bn":
         return (*modules, _BN_LEAVES.get(leaf, leaf))
     return (*modules, {"weight": "kernel"}.get(leaf, leaf))
-
-
-def _to_flax_layout(path, value):
-    if path[-1] != "kernel":
-        return value
-    return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T  # OIHW -> HWIO
 
 
 def params_from_torch_state_dict(state_dict):
@@ -331,13 +330,13 @@ def params_from_torch_state_dict(state_dict):
     """
     shapes, flat = param_shapes(), {}
     for key, value in state_dict.items():
-        path = _flax_path(key)
+        path = _param_path_of_key(key)
         if path is None:
             continue
         if path not in shapes:
             raise ValueError(f"state_dict key {key!r} is not a FID InceptionV3 parameter")
-        value = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
-        value = _to_flax_layout(path, value.astype(np.float32))
+        value = to_numpy(value).astype(np.float32)
+        value = kernel_from_torch(value) if path[-1] == "kernel" else value
         if value.shape != shapes[path]:
             raise ValueError(f"state_dict {key!r} has shape {value.shape} after transposing to "
                              f"flax layout; the model needs {shapes[path]}")
@@ -346,28 +345,7 @@ def params_from_torch_state_dict(state_dict):
     if missing:
         raise ValueError(f"state_dict lacks {len(missing)} FID InceptionV3 entries, e.g. "
                          f"{missing[:3]} (flax names)")
-    params = {}
-    for path, value in flat.items():
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = jnp.asarray(value)
-    return params
-
-
-def _read_state_dict(path):
-    path = str(path)
-    if path.endswith(".npz"):
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    if path.endswith((".pth", ".pt")):
-        import torch  # only needed for the PyTorch file
-
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state_dict, dict):
-            raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")
-        return state_dict
-    raise ValueError(f"weights file must end in .pth, .pt or .npz, got {path!r}")
+    return nest(flat)
 
 
 def load_fid_weights(path):
@@ -375,13 +353,13 @@ def load_fid_weights(path):
 
     E.g. pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`; nothing is downloaded.
     """
-    return params_from_torch_state_dict(_read_state_dict(path))
+    return params_from_torch_state_dict(read_state_dict(path))
 
 
 def convert_pth_to_npz(pth_path, npz_path):
     """Write the torch state_dict in `pth_path` as an `.npz` of the same keys (needs torch)."""
-    state_dict = _read_state_dict(pth_path)
+    state_dict = read_state_dict(pth_path)
     params_from_torch_state_dict(state_dict)  # refuse to write a file that would not load
-    arrays = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
-              for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    arrays = {k: to_numpy(v) for k, v in state_dict.items()
+              if not k.endswith("num_batches_tracked")}
     np.savez(npz_path, **arrays)

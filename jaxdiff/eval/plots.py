@@ -79,8 +79,7 @@ def read_metrics_log(path, *, warn=None):
     `warnings.warn`) gets one line naming them; with no readable row left, a ValueError names
     the file and the first damaged line."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no training log {path}; train first with "
-                                "jaxdiff train --config ... --workdir ...")
+        raise FileNotFoundError(f"no training log {path}")
     by_step, damaged = {}, []
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):

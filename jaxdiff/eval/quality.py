@@ -7,7 +7,7 @@
 - PR: improved precision and recall, k-NN manifolds in the same features (Kynkaanniemi et al.
   2019, Sec. 2).
 - NLL: bits/dim through the probability-flow ODE (Song et al. 2021, Sec. 4.3 and App. D.2;
-  `jaxdiff.likelihood`), with uniform dequantization of 8-bit pixels as score_sde does.
+  `jaxdiff.core.likelihood`), with uniform dequantization of 8-bit pixels as score_sde does.
 - NFE: model evaluations of a sampler, counted at run time (`count_nfe`).
 """
 
@@ -21,36 +21,60 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxdiff
-from jaxdiff import likelihood
+from jaxdiff.core import likelihood
 from jaxdiff.eval import images as images_lib
 from jaxdiff.eval import metrics as metrics_lib
 
 FEATURES = ("digits", "inception", "raw")
-DIVERGENCES = ("auto", "exact", "hutchinson")
-EXACT_MAX_DIM = 16  # "auto" takes the exact trace up to this many data dimensions
 ADAPTIVE = ("ode",)  # samplers whose NFE depends on the model (not a function of the steps)
 PIXEL_BIN = 2.0 / 255.0  # width of one 8-bit level in [-1, 1] (data pipeline: k / 127.5 - 1)
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID Inception weights
 
 
-def feature_fn(kind, *, inception_weights=None):
-    """data (N, ...) in [-1, 1] -> (N, D) features: the built-in digits network, the FID
-    Inception-v3 (pool3, 2048 values) loaded from `inception_weights`, or the raw data
-    flattened (for low-dimensional data such as the 2-D toy sets)."""
-    if kind == "raw":
+def feature_fn(features, *, inception_weights=None):
+    """data (N, ...) in [-1, 1] -> (N, D) features: `features` names the built-in digits network
+    ("digits"), the FID Inception-v3 ("inception", pool3, 2048 values) loaded from
+    `inception_weights`, or the raw data flattened ("raw", for low-dimensional data such as the
+    2-D toy sets)."""
+    if features == "raw":
         return lambda x: np.asarray(x, np.float32).reshape(len(x), -1)
-    if kind == "digits":
+    if features == "digits":
         from jaxdiff.eval import digits
 
         return digits.features
-    if kind != "inception":
-        raise ValueError(f"--features={kind!r} is unknown; allowed: {', '.join(FEATURES)}")
+    if features != "inception":
+        raise ValueError(f"features={features!r} is unknown; allowed: {', '.join(FEATURES)}")
     if not inception_weights:
-        raise ValueError("--features=inception needs --inception_weights=<.pth or .npz file> "
-                         "(pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)")
+        raise ValueError(f"features='inception' needs inception_weights=<.pth or .npz file> "
+                         f"({INCEPTION_FILE}; nothing is downloaded)")
     from jaxdiff.eval import inception
 
     params = inception.load_fid_weights(inception_weights)
     return lambda x: inception.fid_features(params, images_lib.to_uint8(x))
+
+
+def default_features(dataset):
+    """The features FD and PR use for `dataset` unless told otherwise: the built-in digits
+    network for the digits datasets, the data itself for the 2-D toy sets, Inception-v3 for
+    other images."""
+    from jaxdiff.data import DIGITS, toy2d
+
+    if dataset in DIGITS:
+        return "digits"
+    return "raw" if dataset in toy2d.GENERATORS else "inception"
+
+
+def classifier_agreement_fn(dataset):
+    """`(samples, labels) -> (agreement, per_class)`: the share of class-conditional samples
+    that a built-in classifier of `dataset`'s classes assigns to their requested label
+    (`jaxdiff.eval.digits.agreement` for the digits datasets); None where there is none."""
+    from jaxdiff.data import DIGITS
+
+    if dataset not in DIGITS:
+        return None
+    from jaxdiff.eval import digits
+
+    return digits.agreement
 
 
 def real_data(name, split, *, num=None, data_dir=None):
@@ -163,17 +187,18 @@ def count_nfe(process, prediction, *, sampler, steps, shape, schedule=None, opti
     return len(_calls)
 
 
-def bits_per_dim(model_fn, process, prediction, x, *, key, args=(), quantized=True,
-                 divergence="auto", batch=100, rtol=1e-5, atol=1e-5):
-    """Per-example bits/dim of data `x` under the model (`jaxdiff.likelihood.bits_per_dim`),
-    `batch` examples per ODE solve; `args` (e.g. null class labels, one per example) go to the
-    network.
+def batched_bits_per_dim(model_fn, process, prediction, x, *, key, args=(), quantized=True,
+                         divergence="auto", batch=100, rtol=1e-5, atol=1e-5):
+    """Per-example bits/dim of data `x` (numpy, any length) under a network: its denoiser
+    (`jaxdiff.core.denoiser`) through `jaxdiff.core.likelihood.bits_per_dim`, `batch` examples per
+    ODE solve (one compiled program, the last batch padded); `args` (e.g. null class labels, one
+    per example) go to the network.
 
     quantized: x holds 8-bit pixels k / 127.5 - 1; they are dequantized with uniform noise over
     their bin [x, x + 2/255), and bits/dim bound the discrete likelihood (Theis et al. 2016).
-    divergence: "exact", "hutchinson" (one Rademacher probe), or "auto" (exact up to
-    EXACT_MAX_DIM data dimensions)."""
-    divergence = resolve_divergence(divergence, x.shape[1:])
+    divergence: "exact", "hutchinson" (one Rademacher probe), or "auto"
+    (`likelihood.resolve_divergence`)."""
+    divergence = likelihood.resolve_divergence(divergence, x.shape[1:])
     solve = _bpd_solver(process, prediction, divergence, quantized, rtol, atol)
     if not isinstance(model_fn, jax.tree_util.Partial):  # params (if any) as data to the jit
         model_fn = jax.tree_util.Partial(model_fn)
@@ -185,17 +210,6 @@ def bits_per_dim(model_fn, process, prediction, x, *, key, args=(), quantized=Tr
                                                 for a in args]
         out.append(np.asarray(solve(model_fn, xb, ab, jax.random.fold_in(key, i)))[:n])
     return np.concatenate(out)
-
-
-def resolve_divergence(divergence, shape):
-    """"auto" -> "exact" for data of `shape` with at most EXACT_MAX_DIM values, else
-    "hutchinson"; the other choices as they are."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"--divergence={divergence!r} is unknown; allowed: "
-                         f"{', '.join(DIVERGENCES)}")
-    if divergence != "auto":
-        return divergence
-    return "exact" if math.prod(shape) <= EXACT_MAX_DIM else "hutchinson"
 
 
 def _bpd_solver(process, prediction, divergence, quantized, rtol, atol):

@@ -16,7 +16,7 @@ no large enough power of two divides it). Off accelerators it runs in Pallas int
 
 The update is linear in (a, b) and in (x, D), so its derivative is a closed form: `solver_step`
 is a `jax.custom_jvp` whose tangent is the same combination in plain jnp, which JAX transposes
-for reverse mode (gradients through samplers with `use_kernel=True`, `jaxdiff.schedule_opt`).
+for reverse mode (gradients through samplers with `use_kernel=True`, `jaxdiff.core.schedule_opt`).
 """
 
 from __future__ import annotations

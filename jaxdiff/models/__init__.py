@@ -12,13 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxdiff.models.dit import (
-    DIT_PRESETS,
-    DiT,
-    dit_from_torch_state_dict,
-    dit_to_torch_state_dict,
-    dit_torch_key,
-)
+from jaxdiff.models.dit import DIT_PRESETS, DiT
 from jaxdiff.models.layers import attention
 from jaxdiff.models.mlp import MLP
 from jaxdiff.models.unet import UNet
@@ -33,9 +27,6 @@ __all__ = [
     "UNet",
     "attention",
     "build",
-    "dit_from_torch_state_dict",
-    "dit_to_torch_state_dict",
-    "dit_torch_key",
 ]
 
 

@@ -8,9 +8,9 @@ has 2C channels (noise prediction and the variance interpolation of Nichol & Dha
 
 The parameter tree mirrors facebookresearch/DiT `models.py` one-to-one: joining a Flax path with
 "." gives the PyTorch state_dict key up to the leaf name (`kernel` <-> `weight`, transposed;
-`embedding` <-> `weight`), e.g. `blocks.3.attn.qkv.kernel` <-> `blocks.3.attn.qkv.weight`.
-`dit_from_torch_state_dict` / `dit_to_torch_state_dict` do that rename. The reference's
-`pos_embed` buffer is not a parameter here: it is recomputed from the image size.
+`embedding` <-> `weight`), e.g. `blocks.3.attn.qkv.kernel` <-> `blocks.3.attn.qkv.weight`;
+`jaxdiff.interop.dit_reference` does that rename. The reference's `pos_embed` buffer is not a
+parameter here: it is recomputed from the image size.
 """
 
 from __future__ import annotations
@@ -212,75 +212,3 @@ class DiT(nn.Module):
             y = jnp.full((batch,), self.num_classes, jnp.int32)
         emb = LabelEmbedder(self.num_classes, self.hidden_size, null, name="y_embedder", **kw)
         return c + emb(y)
-
-
-def _flax_path(module_path):
-    """'blocks.3.attn.qkv' -> ('blocks.3', 'attn', 'qkv'): a numbered child joins its parent."""
-    path = []
-    for token in module_path.split("."):
-        if token.isdigit() and path:
-            path[-1] = f"{path[-1]}.{token}"
-        else:
-            path.append(token)
-    return tuple(path)
-
-
-def dit_from_torch_state_dict(state_dict):
-    """Flax `params` tree from a facebookresearch/DiT state_dict (name -> tensor or array).
-
-    Linear weights (out, in) become kernels (in, out); the patch conv (D, C, p, p) becomes
-    (p, p, C, D); the label table keeps its layout. `pos_embed` is checked against the fixed
-    embedding and dropped. An unknown or repeated key raises ValueError.
-    """
-    params = {}
-    for key, value in state_dict.items():
-        value = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
-        if key == "pos_embed":
-            _check_pos_embed(value)
-            continue
-        module, _, leaf = key.rpartition(".")
-        if leaf not in ("weight", "bias") or not module:
-            raise ValueError(f"state_dict key {key!r} is not a DiT parameter")
-        if leaf == "weight" and module.endswith("embedding_table"):
-            leaf = "embedding"
-        elif leaf == "weight":
-            leaf = "kernel"
-            value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-        node = params
-        for name in _flax_path(module):
-            node = node.setdefault(name, {})
-        if leaf in node:
-            raise ValueError(f"state_dict key {key!r} appears twice")
-        node[leaf] = jnp.asarray(value)
-    return params
-
-
-def _check_pos_embed(value):
-    """The reference stores its fixed sin-cos table; it must be the one we recompute."""
-    _, tokens, dim = value.shape
-    grid = int(round(np.sqrt(tokens)))
-    if not np.allclose(value[0], sincos_pos_embed_2d(dim, grid, grid), atol=1e-5):
-        raise ValueError("state_dict pos_embed differs from the fixed 2-D sin-cos embedding")
-
-
-def dit_torch_key(path):
-    """Flax param path (tuple of names) -> the reference state_dict key."""
-    *modules, leaf = path
-    name = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
-    return ".".join(modules + [name])
-
-
-def dit_to_torch_state_dict(params):
-    """Inverse of `dit_from_torch_state_dict` (numpy arrays, no `pos_embed`)."""
-    out = {}
-    stack = [((), nn.unbox(params))]
-    while stack:
-        path, node = stack.pop()
-        if isinstance(node, dict):
-            stack.extend((path + (k,), v) for k, v in node.items())
-            continue
-        value = np.asarray(node)
-        if path[-1] == "kernel":
-            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-        out[dit_torch_key(path)] = value
-    return dict(sorted(out.items()))

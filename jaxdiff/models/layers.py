@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff.kernels.attention import MAX_HEAD_DIM, flash_attention
-from jaxdiff.train import parallel
+from jaxdiff.models import partitioning
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 xavier_uniform = nn.initializers.xavier_uniform()
@@ -163,7 +163,7 @@ def _is_key_padding(mask):
 
 
 def _pallas_attention(q, k, v, mask):
-    """The Pallas kernel. Under an abstract mesh with the model axes (`parallel.AXES`, set by
+    """The Pallas kernel. Under an abstract mesh with the model axes (`partitioning.AXES`, set by
     `jax.sharding.use_abstract_mesh` as in `parallel.jit_train_step`) it runs per shard inside
     `jax.shard_map`: batch over data×fsdp, heads over tensor (each where it divides)."""
     if not _is_key_padding(mask):
@@ -177,9 +177,9 @@ def _pallas_attention(q, k, v, mask):
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)[:, 0, 0, :]  # (B | 1, T | 1)
         args += (jnp.broadcast_to(mask, (B, T)),)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.manual_axes or not set(parallel.AXES) <= set(mesh.axis_names):
+    if mesh.empty or mesh.manual_axes or not set(partitioning.AXES) <= set(mesh.axis_names):
         return flash_attention(*args)
-    spec = parallel.mesh_spec(("batch", None, "heads", None), q.shape, mesh)
+    spec = partitioning.mesh_spec(("batch", None, "heads", None), q.shape, mesh)
     if all(axis is None for axis in spec):
         return flash_attention(*args)
     in_specs = (spec,) * 3 + ((P(spec[0], None),) if mask is not None else ())

@@ -3,7 +3,7 @@
 A sampler is a plain function `sampler(denoiser, x, sigmas, *, num_steps=None, trajectory=False,
 [key,] **options)`:
 
-- `denoiser(x, sigma) -> x0-hat` in the VE view (see `jaxdiff.denoiser`); `sigma` is a scalar.
+- `denoiser(x, sigma) -> x0-hat` in the VE view (see `jaxdiff.core.denoiser`); `sigma` is a scalar.
 - `x` is the state at `sigmas[0]`, already scaled (VE view: x0 + sigma * eps).
 - `sigmas` is a decreasing 1-D grid, usually ending at 0. It may be padded to a fixed capacity:
   only `sigmas[: num_steps + 1]` is used. `num_steps` may be a traced integer, so changing the
@@ -15,7 +15,7 @@ The loop is a `lax.fori_loop` (a `while_loop` when `num_steps` is traced), so sa
 unroll over steps in Python and the history of multistep methods lives in the loop carry.
 
 Stateful denoisers (feature caches such as DeepCache or TaylorSeer, SMC particles and weights):
-every sampler also takes `Stateful(D, init)` (`jaxdiff.denoiser.Stateful`) with
+every sampler also takes `Stateful(D, init)` (`jaxdiff.core.denoiser.Stateful`) with
 `D(x, sigma, state) -> (x0, state)`, and then returns `(x, state)`, or `(x, traj, state)`.
 
 - `state` is any pytree of arrays; D must return it with the same structure, shapes and dtypes
@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.denoiser import NO_STATE, Stateful, lift
+from jaxdiff.core.denoiser import NO_STATE, Stateful, lift
+from jaxdiff.core.schedules import check_sigmas
 
 __all__ = ["NO_STATE", "Stateful", "lift", "run", "num_steps_of", "check_sigmas", "step_key",
            "is_last"]
@@ -84,31 +85,6 @@ def run(step, x, sigmas, carry=(), state=NO_STATE, *, num_steps=None, trajectory
     return (x, traj, state) if stateful else (x, traj)
 
 
-def check_sigmas(sigmas):
-    """Rejects a grid that is not 1-D or, when its values are known, not strictly decreasing.
-
-    Trailing padding (repeats of the last value, e.g. zeros) is allowed."""
-    if jnp.ndim(sigmas) != 1 or sigmas.shape[0] < 2:
-        raise ValueError(
-            f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {jnp.shape(sigmas)}"
-        )
-    if isinstance(sigmas, jax.core.Tracer):
-        return
-    s = np.asarray(sigmas, np.float64)
-    bad = ~(np.isfinite(s) & (s >= 0))
-    if bad.any():  # name the first bad level only: a grid may hold a million of them
-        k = int(np.argmax(bad))
-        raise ValueError(f"sigmas must be finite and >= 0, got sigmas[{k}]={s[k]:g}")
-    d = np.diff(s)
-    end = len(s) - 1
-    while end > 0 and s[end] == s[end - 1]:  # allow padding with repeats of the last value
-        end -= 1
-    if np.any(d[:end] >= 0):
-        k = int(np.argmax(d[:end] >= 0))
-        raise ValueError(
-            f"sigmas must be strictly decreasing; "
-            f"sigmas[{k}]={s[k]:g} <= sigmas[{k + 1}]={s[k + 1]:g}"
-        )
 
 
 def step_key(key, i):

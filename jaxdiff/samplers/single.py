@@ -19,17 +19,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.core.denoiser import ddim_step
 from jaxdiff.samplers.base import lift, num_steps_of, run, step_key
 from jaxdiff.samplers.multistep import fused_step
 
 
-def _ddim_step(x, x0, s, s_next):
-    """x' = x0 + (sigma'/sigma)(x - x0): DDIM / Euler / DPM-Solver-1 in the VE view."""
-    return x0 + (s_next / s) * (x - x0)
-
-
 def _fused_ddim_step(x, x0s, w, s, s_next):
-    """`_ddim_step` with x0 = sum_j w_j x0s_j, as one fused kernel (`jaxdiff.kernels`):
+    """`ddim_step` with x0 = sum_j w_j x0s_j, as one fused kernel (`jaxdiff.kernels`):
     x' = rho x + (1 - rho) sum_j w_j x0s_j with rho = sigma'/sigma."""
     rho = s_next / s
     return fused_step(rho, x, (1.0 - rho) * jnp.asarray(w), list(x0s))
@@ -52,7 +48,7 @@ def ddim(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=Fa
         D, state = denoiser(x, s, state)
         if use_kernel:
             return _fused_ddim_step(x, [D], jnp.ones(1), s, s_next), carry, state
-        return _ddim_step(x, D, s, s_next), carry, state
+        return ddim_step(x, D, s, s_next), carry, state
 
     return run(step, x, sigmas, (), state, num_steps=num_steps, trajectory=trajectory)
 
@@ -85,7 +81,7 @@ def _singlestep(denoiser, state, x, sigmas, update, num_steps, trajectory):
         x, state = jax.lax.cond(
             s_next > 0,
             lambda: update(x, x0, s, _positive(s_next, s), state),
-            lambda: (_ddim_step(x, x0, s, s_next), state),
+            lambda: (ddim_step(x, x0, s, s_next), state),
         )
         return x, carry, state
 
@@ -152,11 +148,11 @@ def dpmpp_2s(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r=0.5, us
 
     def update(x, x0, s, t, state):
         s1 = s * (t / s) ** r
-        x0_1, state = denoiser(_ddim_step(x, x0, s, s1), s1, state)
+        x0_1, state = denoiser(ddim_step(x, x0, s, s1), s1, state)
         w = (1.0 - 0.5 / r, 0.5 / r)
         if use_kernel:
             return _fused_ddim_step(x, [x0, x0_1], jnp.stack(w), s, t), state
-        return _ddim_step(x, w[0] * x0 + w[1] * x0_1, s, t), state
+        return ddim_step(x, w[0] * x0 + w[1] * x0_1, s, t), state
 
     return _singlestep(denoiser, state, x, sigmas, update, num_steps, trajectory)
 
@@ -234,7 +230,7 @@ def heun(denoiser, x, sigmas, *, num_steps=None, trajectory=False, s_churn=0.0, 
     required when s_churn != 0.
 
     `time`: the variable both stages step in. None: the VE level sigma (k-diffusion's
-    `sample_heun`, diffusers' `HeunDiscreteScheduler`). A process (`jaxdiff.process`, traced
+    `sample_heun`, diffusers' `HeunDiscreteScheduler`). A process (`jaxdiff.core.process`, traced
     like any pytree): its own time t, on x = alpha(t) x_ve (EDM Eq. 4 with sigma(t) = ve_sigma(t),
     s(t) = alpha(t)); each grid level maps to t = process.t_of(sigma), the state is converted to
     x and back at each level, and the slope dx/dt = alpha' D + sigma' (x_ve - D)/ve_sigma takes
@@ -267,19 +263,19 @@ def _dpmpp_grid_update(k, i, x, x_start, m0, m1, m2, sigmas):
     macro-step started at grid point i - k + 1 with state x_start."""
 
     def first():
-        return _ddim_step(x, m0, sigmas[i], sigmas[i + 1])
+        return ddim_step(x, m0, sigmas[i], sigmas[i + 1])
 
     def second():  # stage at sigmas[i], from sigmas[i - 1]; m1 = D there
         s, t = sigmas[jnp.maximum(i - 1, 0)], _positive(sigmas[i + 1], sigmas[i])
         r0 = jnp.log(s / sigmas[i]) / jnp.log(s / t)
-        return _ddim_step(x_start, m1 + (m0 - m1) / (2.0 * r0), s, t)
+        return ddim_step(x_start, m1 + (m0 - m1) / (2.0 * r0), s, t)
 
     def third():  # stages at sigmas[i - 1], sigmas[i], from sigmas[i - 2]; m2 = D there
         s, t = sigmas[jnp.maximum(i - 2, 0)], _positive(sigmas[i + 1], sigmas[i])
         h = jnp.log(s / t)
         r0 = jnp.log(s / sigmas[i]) / h
         phi2 = jnp.expm1(-h) / h + 1.0
-        return _ddim_step(x_start, m2, s, t) + phi2 * (m0 - m2) / r0
+        return ddim_step(x_start, m2, s, t) + phi2 * (m0 - m2) / r0
 
     return jax.lax.switch(k - 1, (first, second, third))
 

@@ -1,7 +1,7 @@
 """Stochastic samplers: DDPM ancestral, Euler ancestral, DPM-Solver++(2M) SDE, reverse-SDE
 Euler-Maruyama and predictor-corrector.
 
-All work in the VE view x = x0 + sigma * eps (see `jaxdiff.denoiser`), where going up from
+All work in the VE view x = x0 + sigma * eps (see `jaxdiff.core.denoiser`), where going up from
 sigma' to sigma > sigma' adds independent noise: x_sigma = x_sigma' + sqrt(sigma^2 - sigma'^2) xi.
 Every step has the same shape, `_move`: x' = D + c (x - D) + std * z, with z standard normal;
 the samplers differ in c and std.

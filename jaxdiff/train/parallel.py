@@ -8,6 +8,9 @@ units (Megatron-LM, Shoeybi et al. 2019, Sec. 3). Shardings are explicit: the tr
 created already sharded (`jax.eval_shape` for the skeleton, then `jax.jit` with `out_shardings`,
 so no host ever holds the whole state) and the train step is jitted with in/out shardings. Works
 the same on one CPU, one GPU, a pod slice or several processes (`jax.distributed.initialize`).
+
+The logical axis names and their rules live with the models (`jaxdiff.models.partitioning`),
+which need them at trace time to run Pallas kernels per shard; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,23 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch is split over both; "tensor" holds whole batches
-
-# logical axis name -> mesh axes, in order of priority. A mesh axis is used at most once per
-# array: in a ("embed", "embed") kernel or a ("batch", ..., "embed") activation the later axis
-# stays whole. An axis whose size the mesh axes do not divide stays whole too (see `mesh_spec`).
-LOGICAL_RULES = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),  # transformer / MLP width
-    ("conv_out", "fsdp"),  # conv output channels (and their norm scale/bias)
-    ("mlp", "tensor"),  # MLP hidden units
-    ("heads", "tensor"),  # attention heads (q, k, v, output projection)
-    ("kv", "tensor"),
-    ("conv_in", None),  # conv input channels: conv_out already carries fsdp
-    ("vocab", None),  # class-label table: K + 1 rows rarely divide anything
-    ("length", None),  # tokens
-)
+from jaxdiff.models.partitioning import AXES, BATCH_AXES, LOGICAL_RULES, mesh_spec
 
 
 def make_mesh(data=-1, fsdp=1, tensor=1, devices=None):
@@ -65,24 +52,6 @@ def make_mesh(data=-1, fsdp=1, tensor=1, devices=None):
 def replicated(mesh):
     """The sharding that puts a whole copy on every device of `mesh`."""
     return NamedSharding(mesh, P())
-
-
-def mesh_spec(logical, shape, mesh, rules=LOGICAL_RULES):
-    """The mesh PartitionSpec for an array of `shape` whose axes are named `logical`.
-
-    Each named axis takes its rule's mesh axes if none of them is already used by this array
-    and their total size divides the axis; otherwise it stays whole (replicated)."""
-    table, used, out = dict(rules), set(), []
-    for name, dim in zip(tuple(logical) + (None,) * (len(shape) - len(logical)), shape):
-        axes = table.get(name) if name is not None else None
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = math.prod(mesh.shape[a] for a in axes)
-        if not axes or used & set(axes) or dim % size:
-            out.append(None)
-            continue
-        used |= set(axes)
-        out.append(axes[0] if len(axes) == 1 else axes)
-    return P(*out)
 
 
 def logical_shardings(specs, abstract, mesh, rules=LOGICAL_RULES):

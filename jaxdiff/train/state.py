@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxdiff.train import parallel
 
 
+@flax.struct.dataclass
 class TrainState:
     step: jax.Array
     params: Any
@@ -28,7 +29,7 @@ def init_state(model, tx, *, x_shape, num_classes, seed, ema_decays, mesh=None,
     """A fresh TrainState; wrap in `jax.eval_shape` for the abstract one (no allocation).
 
     With `mesh`, the state is created already sharded (params, EMA and optimizer moments by the
-    models' logical axis names and `rules`; see `jaxdiff.parallel`): one jitted init whose
+    models' logical axis names and `rules`; see `jaxdiff.train.parallel`): one jitted init whose
     outputs land in their shards, so no device or host ever holds the whole state."""
     init = functools.partial(_init_state, model, tx, x_shape=x_shape, num_classes=num_classes,
                              seed=seed, ema_decays=ema_decays)

@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.denoiser import expand_like
+from jaxdiff.core.denoiser import expand_like
 
 
 def gaussian_denoiser(mean, std):

@@ -17,9 +17,11 @@ by one more level). Schedules run eagerly; the grid is data to the compiled samp
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.process import DiscreteVP, short_repr
+from jaxdiff.core.process import DiscreteVP, short_repr
 
 
 def _f64(x):
@@ -186,8 +188,6 @@ def linspace(process, n, *, round=True, final_zero=True):
 
 def array(sigmas):
     """A custom grid, validated: 1-D, finite, >= 0, strictly decreasing."""
-    from jaxdiff.samplers.base import check_sigmas
-
     sigmas = _f64(sigmas)
     check_sigmas(sigmas)
     return sigmas
@@ -229,3 +229,29 @@ def get(name):
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r} is unknown; allowed: {', '.join(SCHEDULES)}")
     return SCHEDULES[name]
+
+def check_sigmas(sigmas):
+    """Rejects a grid that is not 1-D or, when its values are known, not strictly decreasing.
+
+    Trailing padding (repeats of the last value, e.g. zeros) is allowed."""
+    if jnp.ndim(sigmas) != 1 or sigmas.shape[0] < 2:
+        raise ValueError(
+            f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {jnp.shape(sigmas)}"
+        )
+    if isinstance(sigmas, jax.core.Tracer):
+        return
+    s = np.asarray(sigmas, np.float64)
+    bad = ~(np.isfinite(s) & (s >= 0))
+    if bad.any():  # name the first bad level only: a grid may hold a million of them
+        k = int(np.argmax(bad))
+        raise ValueError(f"sigmas must be finite and >= 0, got sigmas[{k}]={s[k]:g}")
+    d = np.diff(s)
+    end = len(s) - 1
+    while end > 0 and s[end] == s[end - 1]:  # allow padding with repeats of the last value
+        end -= 1
+    if np.any(d[:end] >= 0):
+        k = int(np.argmax(d[:end] >= 0))
+        raise ValueError(
+            f"sigmas must be strictly decreasing; "
+            f"sigmas[{k}]={s[k]:g} <= sigmas[{k + 1}]={s[k + 1]:g}"
+        )

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def pytree_dataclass(data=(), meta=()):
+def pytree_dataclass(data=()):
     """Frozen dataclass registered as a pytree: `data` fields are leaves, the rest are static."""
 
     def wrap(cls):
@@ -342,6 +342,16 @@ class VE(Process):
         return ve_sigma
 
 
+def edm_c_noise(ve_sigma):
+    """EDM's network conditioning c_noise = ln(sigma)/4 (Karras et al. 2022, Table 1)."""
+    return 0.25 * jnp.log(ve_sigma)
+
+
+def edm_sigma_of(c_noise):
+    """The noise level whose `edm_c_noise` is c_noise: sigma = exp(4 c_noise)."""
+    return jnp.exp(4.0 * c_noise)
+
+
 @pytree_dataclass()
 class EDM(Process):
     """EDM (Karras et al. 2022): t = sigma, alpha = 1; the network sees c_noise = ln(sigma)/4.
@@ -369,10 +379,10 @@ class EDM(Process):
         return _f(ve_sigma)
 
     def cond(self, t):
-        return 0.25 * jnp.log(_f(t))
+        return edm_c_noise(_f(t))
 
     def t_of_cond(self, c):
-        return jnp.exp(4.0 * _f(c))
+        return edm_sigma_of(_f(c))
 
     def prior_scale(self, ve_sigma):
         return ve_sigma
@@ -438,5 +448,5 @@ def check_process(process):
     names = ", ".join(cls.__name__ for cls in PROCESSES.values())
     raise TypeError(
         f"process={short_repr(process)} is not a process; allowed: an instance of {names} "
-        "(jaxdiff.process), e.g. process=jaxdiff.EDM()"
+        "(jaxdiff.core.process), e.g. process=jaxdiff.EDM()"
     )

@@ -8,7 +8,7 @@ Eq. 14; Kingma et al. 2021 "Variational Diffusion Models" (VDM), Sec. 3):
   v     alpha eps - sigma x0     flow   alpha' x0 + sigma' eps   (= eps - x0 for rectified flow)
   score -eps / sigma             edm    F = (x0 - c_skip x_ve) / c_out  (EDM, Karras et al. 2022,
                                         Eq. 8), the network fed c_in x_ve and c_noise
-Targets come from `jaxdiff.denoiser.from_x0` (the inverse adapter), so training and sampling
+Targets come from `jaxdiff.core.denoiser.from_x0` (the inverse adapter), so training and sampling
 use one set of formulas.
 
 Every weighting is a per-sample weight on the output-space MSE. The output maps to the x0
@@ -49,8 +49,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.denoiser import check_prediction, edm_coefficients, expand_like, from_x0, to_x0
-from jaxdiff.process import DiscreteVP
+from jaxdiff.core.denoiser import check_prediction, edm_coefficients, expand_like, from_x0, to_x0
+from jaxdiff.core.process import DiscreteVP
 
 WEIGHTINGS = ("uniform", "min_snr", "edm", "likelihood")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "lognormal")

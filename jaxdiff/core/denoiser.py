@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.process import short_repr
+from jaxdiff.core.process import edm_c_noise, edm_sigma_of, short_repr
 
 
 class _NoState:
@@ -60,7 +60,7 @@ class Stateful:
     def __call__(self, *args):
         raise TypeError(
             "a Stateful function is called as fn(*args, state) by a sampler, "
-            "jaxdiff.denoiser, a guidance transform or jaxdiff.sample; this caller takes a "
+            "jaxdiff.core.denoiser, a guidance transform or jaxdiff.sample; this caller takes a "
             "plain function"
         )
 
@@ -119,13 +119,19 @@ def expand_like(s, x):
     return s.reshape(s.shape + (1,) * (x.ndim - s.ndim))
 
 
+def ddim_step(x, x0, s, s_next):
+    """x' = x0 + (sigma'/sigma)(x - x0): the DDIM step (eta = 0, Song et al. 2021, Eq. 12) from
+    noise level s to s_next in the VE view, which is also Euler's and DPM-Solver-1's."""
+    return x0 + (s_next / s) * (x - x0)
+
+
 def edm_coefficients(ve_sigma, sigma_data):
     """EDM preconditioning (c_skip, c_out, c_in, c_noise) at noise level ve_sigma."""
     s2, d2 = jnp.square(ve_sigma), sigma_data**2
     c_skip = d2 / (s2 + d2)
     c_out = ve_sigma * sigma_data * jax.lax.rsqrt(s2 + d2)
     c_in = jax.lax.rsqrt(s2 + d2)
-    c_noise = 0.25 * jnp.log(ve_sigma)
+    c_noise = edm_c_noise(ve_sigma)
     return c_skip, c_out, c_in, c_noise
 
 
@@ -144,6 +150,14 @@ def check_prediction(prediction, process=None):
         )
 
 
+def _time_derivatives(process, t, x):
+    """(alpha'(t), sigma'(t)) broadcast against x: the flow velocity is u = alpha' x0 + sigma' eps.
+    Forward-mode, so t may be a scalar or one time per sample."""
+    _, da = jax.jvp(process.alpha, (t,), (jnp.ones_like(t),))
+    _, ds = jax.jvp(process.sigma, (t,), (jnp.ones_like(t),))
+    return expand_like(da, x), expand_like(ds, x)
+
+
 def to_x0(out, x, t, process, prediction):
     """x0 implied by the network output `out` at state x (process scaling) and time t."""
     a, s = expand_like(process.alpha(t), x), expand_like(process.sigma(t), x)
@@ -156,9 +170,7 @@ def to_x0(out, x, t, process, prediction):
     if prediction == "score":
         return (x + jnp.square(s) * out) / a
     if prediction == "flow":
-        _, da = jax.jvp(process.alpha, (t,), (jnp.ones_like(t),))
-        _, ds = jax.jvp(process.sigma, (t,), (jnp.ones_like(t),))
-        da, ds = expand_like(da, x), expand_like(ds, x)
+        da, ds = _time_derivatives(process, t, x)
         return (ds * x - s * out) / (ds * a - s * da)
     raise ValueError(
         f"prediction={prediction!r} has no x0 conversion; allowed: eps, x0, v, score, flow"
@@ -213,15 +225,14 @@ def from_x0(x0, x, t, process, prediction):
     if prediction == "score":
         return -eps / s
     if prediction == "flow":
-        _, da = jax.jvp(process.alpha, (t,), (jnp.ones_like(t),))
-        _, ds = jax.jvp(process.sigma, (t,), (jnp.ones_like(t),))
-        return expand_like(da, x) * x0 + expand_like(ds, x) * eps
+        da, ds = _time_derivatives(process, t, x)
+        return da * x0 + ds * eps
     raise ValueError(f"prediction={prediction!r} has no inverse; allowed: eps, x0, v, score, flow")
 
 
 def model_from_denoiser(D, process, prediction):
     """A raw `model_fn(x, cond, *args)` whose adapter gives back D: wraps a closed-form
-    denoiser (see `jaxdiff.analytic`) as if it were a trained network of any prediction type.
+    denoiser (see `jaxdiff.core.analytic`) as if it were a trained network of any prediction type.
     A `Stateful` D gives a `Stateful` model_fn with the same state."""
     check_prediction(prediction, process)
     D, init = lift(D)
@@ -229,7 +240,7 @@ def model_from_denoiser(D, process, prediction):
     def model_fn(x, cond, *args_state):
         *args, state = args_state
         if prediction == "edm":
-            ve_sigma = jnp.exp(4.0 * jnp.asarray(cond))
+            ve_sigma = edm_sigma_of(jnp.asarray(cond))
             c_skip, c_out, c_in, _ = edm_coefficients(ve_sigma, process.sigma_data)
             x_ve = x / expand_like(c_in, x)
             x0, state = D(x_ve, ve_sigma, *args, state)

@@ -1,14 +1,14 @@
 """Guidance: transforms from a denoiser to a denoiser, `D(x, sigma, *args) -> D'(x, sigma)`.
 
-Guidance never lives inside a model. Each method is a plain function that takes any denoiser
-(a trained network through `jaxdiff.denoiser`, or a closed form from `jaxdiff.analytic`) and
+Guidance never lives inside a model. Each method is a plain function that takes any denoiser (a
+trained network through `jaxdiff.core.denoiser`, or a closed form from `jaxdiff.core.analytic`) and
 returns a new one. The frozen dataclasses at the end (`CFG`, `AdaptiveCFG`, `Autoguidance`,
-`ClassifierGuidance`, `DynamicThreshold`, `Chain`) hold the same parameters as pytrees and call
-the functions; `jaxdiff.sample(..., guidance=CFG(scale, y, y_null))` applies them inside its
-compiled program. Scales, noise levels and label arrays are pytree leaves, so changing them
-reuses the compiled program; choices (strings) are static.
+`ClassifierGuidance`, `DynamicThreshold`, `Chain`) hold the same parameters as pytrees and call the
+functions; `jaxdiff.sample(..., guidance=CFG(scale, y, y_null))` applies them inside its compiled
+program. Scales, noise levels and label arrays are pytree leaves, so changing them reuses the
+compiled program; choices (strings) are static.
 
-Stateful denoisers (`jaxdiff.denoiser.Stateful`): every transform takes a plain or a stateful
+Stateful denoisers (`jaxdiff.core.denoiser.Stateful`): every transform takes a plain or a stateful
 denoiser, `D(x, sigma, *args, state) -> (x0, state)`, and returns the same kind, passing the state
 through each model call once: CFG's batched call on [x; x] (batch 2B) and, outside a guidance
 interval or past adaptive guidance's stop, the conditional call on x (batch B). Both branches must
@@ -33,14 +33,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.denoiser import NO_STATE, Stateful, check_prediction, expand_like, lift, lower
-from jaxdiff.denoiser import denoiser as make_denoiser
-from jaxdiff.process import check_values, concrete_float, pytree_dataclass, short_repr
+from jaxdiff.core.denoiser import (
+    NO_STATE,
+    Stateful,
+    check_prediction,
+    ddim_step,
+    expand_like,
+    lift,
+    lower,
+)
+from jaxdiff.core.denoiser import denoiser as make_denoiser
+from jaxdiff.core.process import check_values, concrete_float, pytree_dataclass, short_repr
 
 
 def _cond_uncond(D, x, sigma, y, y_null, state=NO_STATE):
     """D(x, sigma, y) and D(x, sigma, y_null) from ONE network call on the batch [x; x], and the
-    state that call returns (D lifted: `jaxdiff.denoiser.lift`).
+    state that call returns (D lifted: `jaxdiff.core.denoiser.lift`).
 
     `y` is an array (or pytree of arrays) with x's batch size; `y_null` has y's structure with
     leaves that broadcast to y's (e.g. one null class index). A per-sample sigma of shape (B,)
@@ -160,7 +168,7 @@ def calibrate_adaptive(D, x, sigmas, y, y_null, scale, threshold=0.99):
         s, s_next = sigmas[i], sigmas[i + 1]
         d_c, d_u, state = _cond_uncond(fn, x, s, y, y_null, state)
         x0 = d_u + jnp.asarray(scale, x.dtype) * (d_c - d_u)
-        return (x0 + (s_next / s) * (x - x0), state), jnp.min(_cosine(d_c, d_u))
+        return (ddim_step(x, x0, s, s_next), state), jnp.min(_cosine(d_c, d_u))
 
     _, similarity = jax.lax.scan(step, (x, state), jnp.arange(sigmas.shape[0] - 1))
     agree = similarity >= threshold
@@ -400,7 +408,7 @@ def check_guidance(guidance, batch):
         scale = guidance if concrete_float(guidance) is not None else 2.0
         raise TypeError(
             f"guidance={short_repr(guidance)} is not a guidance object; pass e.g. "
-            f"jaxdiff.guidance.CFG(scale={short_repr(scale)}, y=labels, y_null=null_labels)"
+            f"jaxdiff.core.guidance.CFG(scale={short_repr(scale)}, y=labels, y_null=null_labels)"
         )
     for g in guidance.steps if isinstance(guidance, Chain) else (guidance,):
         if isinstance(g, Chain):

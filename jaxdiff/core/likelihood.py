@@ -11,14 +11,15 @@ and p_{sigma_max} is replaced by the prior: the VE prior N(0, sigma_max^2 I) by 
 `prior_logp`. What is computed is therefore the model density of the data *as a state at
 noise level sigma_min*: for data N(mu, s^2 I) the exact answer is N(mu, (s^2 + sigma_min^2) I),
 not N(mu, s^2 I). For a variance-preserving process the VE-view state is x/alpha; alpha(t_min)
-is within 1e-4 of 1 for the processes in `jaxdiff.process`, and no correction for it is made.
+is within 1e-4 of 1 for the processes in `jaxdiff.core.process`, and no correction for it is made.
 
 The divergence is either exact (the trace of the Jacobian from one JVP per data dimension:
 small data only) or the Hutchinson-Skilling estimate div f ~ e^T (df/dx) e (Hutchinson 1989;
 Skilling 1989; FFJORD Eq. 7) with Rademacher or Gaussian probes e, drawn once per solve and held
-fixed along the trajectory, which keeps the estimate of the integral unbiased.
+fixed along the trajectory, which keeps the estimate of the integral unbiased; "auto" takes the
+exact trace for data of at most EXACT_MAX_DIM values per example, else Hutchinson's.
 
-Use with any process through `jaxdiff.denoiser`:
+Use with any process through `jaxdiff.core.denoiser`:
     D = jaxdiff.denoiser(model_fn, process, prediction)
     nll(D, x, sigma_min=process.sigma_min, sigma_max=process.sigma_max, key=key)
 """
@@ -31,10 +32,21 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import analytic
+from jaxdiff.core import analytic
 
-DIVERGENCES = ("exact", "hutchinson")
+DIVERGENCES = ("auto", "exact", "hutchinson")
+EXACT_MAX_DIM = 16  # "auto" takes the exact trace up to this many data dimensions
 PROBES = ("rademacher", "gaussian")
+
+
+def resolve_divergence(divergence, shape):
+    """"auto" -> "exact" for examples of `shape` with at most EXACT_MAX_DIM values, else
+    "hutchinson"; the other choices as they are."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} is unknown; allowed: {', '.join(DIVERGENCES)}")
+    if divergence != "auto":
+        return divergence
+    return "exact" if math.prod(shape) <= EXACT_MAX_DIM else "hutchinson"
 
 
 def nll(
@@ -58,14 +70,15 @@ def nll(
       denoiser: D(x, sigma) -> x0-hat in the VE view; x0: data of shape (batch, ...).
       sigma_min, sigma_max: the noise levels of the data end (> 0) and of the prior.
       key: PRNG key for the Hutchinson probes (unused with divergence="exact").
-      divergence: "exact" or "hutchinson"; probe: "rademacher" or "gaussian"; num_probes: probes
-        averaged per sample (each fixed along the whole solve).
+      divergence: "exact", "hutchinson" or "auto" (`resolve_divergence`); probe: "rademacher" or
+        "gaussian"; num_probes: probes averaged per sample (each fixed along the whole solve).
       prior_logp: log density of the state at sigma_max, per sample; default N(0, sigma_max^2 I).
       rtol, atol: tolerances of the adaptive Tsit5 solver (score_sde uses RK45 at 1e-5);
         max_steps: its step budget (diffrax raises an error when it is exceeded).
     """
     _check(x0, divergence, probe, num_probes, key, sigma_min, sigma_max)
     x0 = jnp.asarray(x0)
+    divergence = resolve_divergence(divergence, x0.shape[1:])
     probes, weight = _probes(x0, key, divergence, probe, num_probes)
     x_T, delta_logp = _integrate(denoiser, x0, probes, weight, sigma_min, sigma_max,
                                  rtol, atol, max_steps)
@@ -172,8 +185,9 @@ def _check(x0, divergence, probe, num_probes, key, sigma_min, sigma_max):
         raise ValueError(f"probe={probe!r} is unknown; allowed: {', '.join(PROBES)}")
     if not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"num_probes={num_probes!r} must be an integer >= 1")
-    if divergence == "hutchinson" and key is None:
-        raise ValueError("divergence='hutchinson' needs key=jax.random.key(...) for its probes")
+    if resolve_divergence(divergence, jnp.shape(x0)[1:]) == "hutchinson" and key is None:
+        raise ValueError(f"divergence={divergence!r} needs key=jax.random.key(...) for its "
+                         "Hutchinson probes")
     lo, hi = _concrete(sigma_min), _concrete(sigma_max)
     if lo is not None and not lo > 0:
         raise ValueError(f"sigma_min={lo!r} must be > 0 (the ODE is singular at sigma = 0)")

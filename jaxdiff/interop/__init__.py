@@ -1,0 +1,17 @@
+"""Weights in other projects' formats, one conversion module per family.
+
+- `dit_reference`: facebookresearch/DiT checkpoints <-> `jaxdiff.models.DiT` params (a rename:
+  the parameter tree mirrors the reference's).
+- `torch_weights`: what every PyTorch conversion shares: reading a state_dict file, tensors as
+  numpy, Linear/Conv weights as Flax kernels and back, nesting parameter paths into a tree.
+
+System layer (DESIGN.md): imports models and core; nothing below imports it.
+"""
+
+from jaxdiff.interop.dit_reference import (
+    dit_from_torch_state_dict,
+    dit_to_torch_state_dict,
+    dit_torch_key,
+)
+
+__all__ = ["dit_from_torch_state_dict", "dit_to_torch_state_dict", "dit_torch_key"]
