@@ -50,6 +50,17 @@ OBJECTIVES = {
 }
 
 
+def _teacher():
+    """Teacher params: random everywhere (a fresh MLP's last layer is zero, which would make a
+    teacher that always answers 0)."""
+    params = train.init_state(MODEL, train.make_optimizer(lr=1.0, total_steps=1)[0],
+                              x_shape=(2,), num_classes=0, seed=7, ema_decays=()).params
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, p.shape, p.dtype)
+                                     for k, p in zip(keys, leaves)])
+
+
 def _run(workdir, objective, frozen, total_steps, seed=0):
     tx, lr_fn = train.make_optimizer(lr=1e-2, total_steps=6, schedule="constant")
     state = train.init_state(MODEL, tx, x_shape=(2,), num_classes=0, seed=seed,
@@ -62,10 +73,7 @@ def _run(workdir, objective, frozen, total_steps, seed=0):
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_stop_and_resume_is_bit_identical(tmp_path, name):
     objective, needs_teacher = OBJECTIVES[name]
-    frozen = None
-    if needs_teacher:
-        frozen = train.init_state(MODEL, train.make_optimizer(lr=1.0, total_steps=1)[0],
-                                  x_shape=(2,), num_classes=0, seed=7, ema_decays=()).params
+    frozen = _teacher() if needs_teacher else None
     straight = _run(tmp_path / "a", objective, frozen, total_steps=6)
     _run(tmp_path / "b", objective, frozen, total_steps=3)  # stops after the step-3 checkpoint
     resumed = _run(tmp_path / "b", objective, frozen, total_steps=6)
@@ -78,7 +86,7 @@ def test_objective_reads_frozen_and_reports_scalar_aux():
     tx, lr_fn = train.make_optimizer(lr=1e-2, total_steps=10, schedule="constant")
     init = lambda seed: train.init_state(MODEL, tx, x_shape=(2,), num_classes=0,  # noqa: E731
                                          seed=seed, ema_decays=(0.9,))
-    state, teacher = init(0), init(7).params
+    state, teacher = init(0), _teacher()
     step = jax.jit(train.make_train_step(teacher_mse, tx, lr_fn, ema_decays=(0.9,)))
     batch = next(Batches())
     first = None
