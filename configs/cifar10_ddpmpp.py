@@ -23,7 +23,7 @@ def get_config():
     c.data = dict(name="cifar10", batch_size=128, random_flip=True, data_dir=None)
     c.train = dict(steps=1_300_000, seed=0, log_every=500, ckpt_every=10_000, keep=3,
                    sample_every=50_000, num_samples=64, skip_nonfinite=False)
-    # device mesh over all devices, -1 = the rest (jaxdiff/parallel.py); data.batch_size is
+    # device mesh over all devices, -1 = the rest (jaxdiff/train/parallel.py); data.batch_size is
     # the global batch and must divide by data×fsdp
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     return c

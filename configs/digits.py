@@ -23,7 +23,7 @@ def get_config():
     c.data = dict(name="digits", batch_size=64, random_flip=False, data_dir=None)
     c.train = dict(steps=1500, seed=0, log_every=100, ckpt_every=500, keep=3, sample_every=750,
                    num_samples=100, skip_nonfinite=False)
-    # device mesh over all devices, -1 = the rest (jaxdiff/parallel.py); data.batch_size is
+    # device mesh over all devices, -1 = the rest (jaxdiff/train/parallel.py); data.batch_size is
     # the global batch and must divide by data×fsdp
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     return c

@@ -27,7 +27,7 @@ def get_config():
     c.data = dict(name="moons", batch_size=256, random_flip=False, data_dir=None)
     c.train = dict(steps=3000, seed=0, log_every=200, ckpt_every=1000, keep=3,
                    sample_every=1000, num_samples=2000, skip_nonfinite=False)
-    # device mesh over all devices, -1 = the rest (jaxdiff/parallel.py); data.batch_size is
+    # device mesh over all devices, -1 = the rest (jaxdiff/train/parallel.py); data.batch_size is
     # the global batch and must divide by data×fsdp
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     return c
