@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import _torch_peers  # noqa: E402
 import train_throughput  # noqa: E402
 
-from jaxdiff import models, train  # noqa: E402
+from jaxdiff import models  # noqa: E402
+from jaxdiff.train import state as train_state  # noqa: E402
 
 
 def _run(script, tmp_path, *args):
@@ -37,7 +38,7 @@ def _run(script, tmp_path, *args):
 
 def _abstract_params(model, shape, num_classes):
     return jax.eval_shape(lambda: flax.linen.unbox(
-        train._variables(model, shape, num_classes, jax.random.key(0)))["params"])
+        train_state._variables(model, shape, num_classes, jax.random.key(0)))["params"])
 
 
 def _jax_params(model, shape, num_classes):

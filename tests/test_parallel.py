@@ -87,7 +87,7 @@ def test_cli_train_and_sample_on_a_mesh(results):
     c = results["cli"]  # jaxdiff train with mesh.fsdp=2 on 8 devices, then jaxdiff sample
     assert c["step"] == 2 and c["samples"] == [6, 2] and c["finite"]
     assert "global batch size 12 is not divisible by data×fsdp = 4×2 = 8" in c["bad_batch"]
-    assert "mesh.pipeline is not a mesh axis; allowed: data, fsdp, tensor" in c["bad_axis"]
+    assert "mesh.pipeline is not a config key; allowed in mesh: data, fsdp, tensor" in c["bad_axis"]
 
 
 # ---------------------------------------------------------------- the subprocess (8 devices)
@@ -294,6 +294,7 @@ def _cli_case(workdir):
 
     config = _toy_config()
     config.mesh.fsdp = 2
+    config.model.num_classes = 2  # the CLI checks it against the data: moons has two classes
     commands.train(config, os.path.join(workdir, "cli"))
     out = os.path.join(workdir, "grid.png")
     commands.sample(config, os.path.join(workdir, "cli"), out=out, num=6, seed=0)
@@ -303,7 +304,7 @@ def _cli_case(workdir):
     for key, change in [("bad_batch", ("data", "batch_size", 12)),
                         ("bad_axis", ("mesh", "pipeline", 2))]:
         bad = _toy_config()
-        bad.mesh.fsdp = 2
+        bad.mesh.fsdp, bad.model.num_classes = 2, 2
         getattr(bad, change[0])[change[1]] = change[2]
         res[key] = _error(lambda: commands.train(bad, os.path.join(workdir, key)))
     return res
