@@ -1,3 +1,30 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    """Environment for `jaxdiff` subprocesses: one persistent compilation cache per test module
+    (tests/_runs.py)."""
+    from tests._runs import cached_env
+
+    return cached_env(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A tiny digits run trained once per session by the CLI (2 steps, logged every step, one
+    checkpoint at step 2), for the tests that only read a trained run (test_train,
+    test_eval_cli). A test that changes a run works on a copy (shutil.copytree)."""
+    from tests._runs import TINY, cached_env, cli
+
+    workdir = tmp_path_factory.mktemp("digits") / "run"
+    env = cached_env(tmp_path_factory.mktemp("digits_jax_cache"))
+    out = cli(env, "train", *TINY, "--config.train.log_every=1", "--config.train.steps=2",
+              "--config.train.ckpt_every=2", f"--workdir={workdir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return workdir

@@ -15,7 +15,7 @@ import pytest
 import jaxdiff
 from jaxdiff import data, models, train
 from jaxdiff.core import losses, schedules
-from jaxdiff.train import faults
+from jaxdiff.train.loop import check_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = "--config=configs/digits.py"
@@ -37,7 +37,7 @@ def _loop_checked():
 
 
 MESH = pytest.mark.skipif(not _has("jaxdiff.train.parallel"), reason="needs jaxdiff.train.parallel")
-WIRED = pytest.mark.skipif(not _loop_checked(), reason="train() does not call faults.check_loop")
+WIRED = pytest.mark.skipif(not _loop_checked(), reason="train() does not call check_loop")
 
 # (args, extra environment, expected text; it contains the offending value); W = a workdir
 CLI = [
@@ -126,7 +126,7 @@ def _check_batch():
 
 
 API = [  # (call, expected text; it contains the offending value)
-    pytest.param(_sample(sampler="dpm_fast"), "sampler='dpm_fast' is unknown; allowed: ",
+    pytest.param(_sample(sampler="dpm_turbo"), "sampler='dpm_turbo' is unknown; allowed: ",
                  id="sample-unknown-sampler"),
     pytest.param(_sample(steps=0), "steps=0 must be an integer >= 1", id="sample-steps-zero"),
     pytest.param(_sample(sampler="euler_ancestral"),
@@ -172,8 +172,8 @@ API = [  # (call, expected text; it contains the offending value)
                  id="optimizer-unknown-schedule"),
     pytest.param(lambda: train.make_optimizer(lr=1e-3, total_steps=5, warmup_steps=10),
                  "warmup_steps=10 must be in [0, total_steps=5)", id="optimizer-long-warmup"),
-    pytest.param(lambda: faults.check_loop(total_steps=100, keep=0),
-                 "keep=0 must be an integer >= 1 (config: train.keep)", id="loop-keep-zero"),
+    pytest.param(lambda: check_loop(total_steps=100, keep=0),
+                 "keep=0 must be an integer >= 1", id="loop-keep-zero"),
     pytest.param(_mesh(fsdp=3), "fsdp=3, tensor=1 do not fit the 1 devices",
                  id="mesh-not-dividing-devices", marks=MESH),
     pytest.param(_mesh(data=-1, fsdp=-1), "at most one axis may be -1", id="mesh-two-rest",

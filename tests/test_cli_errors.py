@@ -240,3 +240,26 @@ def test_device_out_of_memory_while_sampling_names_num():
         cli.FLAGS.unparse_flags()
     assert message.startswith("out of memory on ") and "\n" not in message
     assert "allocate 8.00GiB" in message and message.endswith("use a smaller --num (now 5000)")
+
+
+def test_library_advice_becomes_flags():
+    """The library's errors name its own arguments; the CLI swaps each phrase for the flag that
+    does it (jaxdiff.cli.hints.FLAG_WORDS), and every library phrase has a flag."""
+    import numpy as np
+
+    from jaxdiff.cli import hints
+    from jaxdiff.train import checkpoint, nonfinite, rundir
+
+    with pytest.raises(FloatingPointError) as e:
+        nonfinite.check_finite({"loss": np.float32(np.nan)}, 3)
+    library = str(e.value)
+    assert "--" not in library
+    assert hints.flag_words(library) == (
+        "non-finite loss at step 3; no checkpoint was written yet; lower --config.optim.lr, or "
+        "set --config.train.skip_nonfinite=True to skip such updates")
+    phrases = (nonfinite.LOWER_LR, nonfinite.SKIP, checkpoint.FRESH_WORKDIR, rundir.OTHER_WORKDIR)
+    assert set(hints.FLAG_WORDS) == set(phrases)
+    for phrase in phrases:
+        assert "--" not in phrase and hints.flag_words(f"x {phrase} y").count("--") == 1
+    assert hints.flag_words("use a fresh work directory or the original config") == (
+        "use a fresh --workdir or the original config")

@@ -82,7 +82,7 @@ BAD = [
     row("digits", "process.name", "vp_lin", id="process-unknown"),
     row("digits", "process.sigma_data", -1.0, "sigma_data=-1.0", id="process-bad-field"),
     row("toy2d", "loss.prediction", "edm", id="edm-prediction-without-sigma-data"),
-    row("digits", "sampler.name", "dpm_fast", id="sampler-unknown"),
+    row("digits", "sampler.name", "dpm_turbo", id="sampler-unknown"),
     row("digits", "sampler.steps", 0, id="sampler-steps-zero"),
     row("digits", "sampler.schedule", "cosine2", id="schedule-unknown"),
     row("digits", "sampler.schedule", "trailing", id="schedule-not-for-this-process"),

@@ -15,9 +15,8 @@ import pytest
 
 from jaxdiff.train import rundir
 from jaxdiff.train.checkpoint import Checkpointer
-from tests.test_faults import INJECT, _logged_once, _steps
+from tests._runs import INJECT, ROOT, cli, kill, logged_once, start, steps
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = ["--config=configs/toy2d.py", "--config.model.width=16", "--config.model.depth=1",
        "--config.data.batch_size=32", "--config.optim.warmup_steps=1",
        "--config.train.log_every=2", "--config.train.sample_every=0",
@@ -53,7 +52,7 @@ def test_lock_refuses_another_process_naming_the_holder(tmp_path):
         assert out.startswith(f"{workdir} is in use by another jaxdiff train (pid "
                               f"{os.getpid()} on host {socket.gethostname()}, since "), out
         assert out.endswith(f"; lock {workdir / '.lock'}); wait for it to end or stop it, or use "
-                            "another --workdir"), out
+                            "another work directory"), out
         with rundir.local_lock(workdir) as mine:
             assert mine  # held here already
     assert not rundir.held(workdir) and not workdir.exists()  # created here, left empty
@@ -66,8 +65,7 @@ def test_lock_of_a_killed_holder_is_free_at_once(tmp_path):
     assert "in use by another jaxdiff train" in _py(TRY, tmp_path).communicate(timeout=60)[0]
     with rundir.local_lock(tmp_path) as mine:
         assert not mine
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
+    assert kill(holder) == -signal.SIGKILL
     assert (tmp_path / ".lock").exists()  # left behind, but the kernel released the lock
     assert _py(TRY, tmp_path).communicate(timeout=60)[0].strip() == "locked"
 
@@ -90,20 +88,6 @@ def test_changed_settings():
                                                            "train.seed: 0 -> 1"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
-def _cli(env, *args, code=None, timeout=300):
-    head = ["-c", code] if code else ["-m", "jaxdiff.cli"]
-    return subprocess.run([sys.executable, *head, *args], cwd=ROOT, env=env, timeout=timeout,
-                          capture_output=True, text=True)
-
-
 def _hashes(workdir):
     """{relative path: sha256} of every file under `workdir`."""
     out = {}
@@ -116,11 +100,11 @@ def _hashes(workdir):
 
 
 @pytest.fixture(scope="module")
-def finished(env, tmp_path_factory):
+def finished(cli_env, tmp_path_factory):
     """A finished tiny run (4 steps, checkpoints 2 and 4); the refused runs must not touch it."""
     workdir = tmp_path_factory.mktemp("run")
-    done = _cli(env, "train", *TOY, "--config.train.steps=4", "--config.train.ckpt_every=2",
-                f"--workdir={workdir}")
+    done = cli(cli_env, "train", *TOY, "--config.train.steps=4", "--config.train.ckpt_every=2",
+               f"--workdir={workdir}")
     assert done.returncode == 0, done.stderr[-2000:]
     return workdir
 
@@ -133,23 +117,22 @@ def finished(env, tmp_path_factory):
                                    "0.001 -> 0.0005); resume it with its settings"),
     (["--config.optim.ema_decays=(0.9,0.99)"], "step 4 does not fit this run's train state"),
 ])
-def test_refused_train_changes_no_file(env, finished, tmp_path, args, message):
+def test_refused_train_changes_no_file(cli_env, finished, tmp_path, args, message):
     workdir = finished
     before = _hashes(workdir)
-    out = _cli(env, "train", *TOY, "--config.train.steps=8", *args, f"--workdir={workdir}")
+    out = cli(cli_env, "train", *TOY, "--config.train.steps=8", *args, f"--workdir={workdir}")
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
     assert _hashes(workdir) == before
-    sample = _cli(env, "sample", f"--workdir={workdir}", "--num=4", "--steps=2",
-                  f"--out={tmp_path / 'sample.png'}")
+    sample = cli(cli_env, "sample", f"--workdir={workdir}", "--num=4", "--steps=2",
+                 f"--out={tmp_path / 'sample.png'}")
     assert sample.returncode == 0 and "step 4" in sample.stdout, sample.stderr[-2000:]
 
 
-def test_second_trainer_is_refused_and_the_first_goes_on(env, tmp_path):
+def test_second_trainer_is_refused_and_the_first_goes_on(cli_env, tmp_path):
     args = ["train", *TOY, "--config.train.steps=100000", "--config.train.ckpt_every=50",
             "--config.train.log_every=50", f"--workdir={tmp_path}"]
-    first = subprocess.Popen([sys.executable, "-m", "jaxdiff.cli", *args], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = start(cli_env, *args, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while not (tmp_path / "checkpoints" / "50").exists():  # locked, and saving
         assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
@@ -157,7 +140,7 @@ def test_second_trainer_is_refused_and_the_first_goes_on(env, tmp_path):
     holder = json.load(open(tmp_path / ".lock"))
     assert holder["pid"] == first.pid
     config = (tmp_path / "config.json").read_text()
-    second = _cli(env, *args[:-1], "--config.optim.lr=0.01", f"--workdir={tmp_path}")
+    second = cli(cli_env, *args[:-1], "--config.optim.lr=0.01", f"--workdir={tmp_path}")
     lines = second.stderr.strip().splitlines()
     assert second.returncode != 0 and len(lines) == 1, second.stderr[-2000:]
     assert lines[0].startswith(f"jaxdiff train: error: {tmp_path} is in use by another jaxdiff "
@@ -169,30 +152,30 @@ def test_second_trainer_is_refused_and_the_first_goes_on(env, tmp_path):
     assert (tmp_path / "config.json").read_text() == config  # the first run's, lr 1e-3
     assert not (tmp_path / ".lock").exists()
     ckpt = Checkpointer(tmp_path)
-    steps = ckpt.all_steps()
-    assert steps and all(ckpt.description(s)["model"]["width"] == 16 for s in steps)
-    assert all((tmp_path / "checkpoints" / str(s) / "commit_success.txt").exists() for s in steps)
+    saved = ckpt.all_steps()
+    assert saved and all(ckpt.description(s)["model"]["width"] == 16 for s in saved)
+    assert all((tmp_path / "checkpoints" / str(s) / "commit_success.txt").exists() for s in saved)
     ckpt.close()
     rows = [json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl")]
     assert rows == sorted(set(rows)), "one writer: each step once"
 
 
-def test_resumed_run_logs_each_step_once(env, tmp_path):
+def test_resumed_run_logs_each_step_once(cli_env, tmp_path):
     """Stopped at step 7 (a NaN) after logging steps 5 and 6 past checkpoint 4; the resumed run
     logs 5..10 again, and metrics.jsonl and TensorBoard hold each step once."""
     args = ["train", *TOY, "--config.train.steps=10", "--config.train.ckpt_every=4",
             "--config.train.log_every=1", f"--workdir={tmp_path}"]
-    out = _cli(env, *args, code=INJECT.format(at=7, extra=""))
+    out = cli(cli_env, *args, code=INJECT.format(at=7, extra=""))
     assert out.returncode == 1 and "non-finite loss" in out.stderr, out.stderr[-2000:]
-    assert _steps(tmp_path) == [4] and len(open(tmp_path / "metrics.jsonl").readlines()) == 6
+    assert steps(tmp_path) == [4] and len(open(tmp_path / "metrics.jsonl").readlines()) == 6
     time.sleep(1)  # the resumed segment's event file sorts after the first
-    out = _cli(env, *args)
+    out = cli(cli_env, *args)
     assert out.returncode == 0, out.stderr[-2000:]
-    _logged_once(tmp_path, list(range(1, 11)))
+    logged_once(tmp_path, list(range(1, 11)))
 
 
 SAVE_FAILS = """import os, sys
-from tests.test_faults import DESC, _state
+from tests._runs import DESC, state as _state
 from jaxdiff.train.checkpoint import Checkpointer, CheckpointError
 ckpt = Checkpointer(sys.argv[1])
 ckpt.save(1, _state(1), {}, DESC)
@@ -227,7 +210,7 @@ def test_failed_save_is_one_checkpoint_error(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's /sys")
-def test_unwritable_checkpoints_are_one_line(env, tmp_path):
+def test_unwritable_checkpoints_are_one_line(cli_env, tmp_path):
     """checkpoints/ -> /sys, where no one (root included) can make a directory: the first
     save fails; the CLI prints one line naming the directory and the OS error, no traceback."""
     try:
@@ -237,8 +220,8 @@ def test_unwritable_checkpoints_are_one_line(env, tmp_path):
     except OSError:
         pass
     os.symlink("/sys", tmp_path / "checkpoints")
-    out = _cli(env, "train", *TOY, "--config.train.steps=4", "--config.train.ckpt_every=2",
-               f"--workdir={tmp_path}")
+    out = cli(cli_env, "train", *TOY, "--config.train.steps=4", "--config.train.ckpt_every=2",
+              f"--workdir={tmp_path}")
     assert out.returncode == 1, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith(f"jaxdiff train: error: could not save checkpoint step 2 in "

@@ -119,7 +119,7 @@ def test_vmap_over_sample_entry_components():
 
 
 BAD = [
-    (dict(sampler="dpm_fast"), "sampler='dpm_fast' is unknown; allowed:"),
+    (dict(sampler="dpm_turbo"), "sampler='dpm_turbo' is unknown; allowed:"),
     (dict(schedule="cosine"), "schedule='cosine' is unknown; allowed:"),
     (dict(steps=0), "steps=0 must be an integer >= 1"),
     (dict(steps=20, capacity=10), "steps=20 exceeds capacity=10"),

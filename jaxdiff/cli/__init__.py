@@ -124,7 +124,9 @@ def _run(command):
         else:
             _eval(command)
     except (ValueError, OSError, FloatingPointError) as e:  # OSError: permissions, disk full
-        print(f"jaxdiff {command}: error: {first_line(e)}", file=sys.stderr)
+        from jaxdiff.cli import hints  # the library's advice, as flags
+
+        print(f"jaxdiff {command}: error: {hints.flag_words(first_line(e))}", file=sys.stderr)
         sys.exit(1)
     except Exception as e:  # device out of memory: one line naming the knobs, else re-raise
         message = _oom_message(command, e)
@@ -137,15 +139,16 @@ def _run(command):
 def _oom_message(command, error):
     """One line for an out-of-memory error (None for any other error): train names the config
     knobs that reduce memory, sample and eval name --num."""
-    from jaxdiff.train import faults
+    from jaxdiff.cli import hints
+    from jaxdiff.train.oom import oom_message
 
     if command == "train":
-        return faults.oom_message(error, faults.memory_hints(FLAGS.config))
-    message = faults.oom_message(error, {})
+        return oom_message(error, hints.memory_hints(FLAGS.config))
+    message = oom_message(error)
     if message is None:
         return None
     num = FLAGS.num or NUM.get(command.split()[0], NUM["eval"])
-    return f"{message.split('; to use less memory')[0]}; use a smaller --num (now {num})"
+    return f"{message}; use a smaller --num (now {num})"
 
 
 def _init_distributed():

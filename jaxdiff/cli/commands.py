@@ -13,9 +13,10 @@ import jaxdiff
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build, validate
 from jaxdiff.core.guidance import CFG
-from jaxdiff.eval import images
-from jaxdiff.train import faults, parallel, rundir
+from jaxdiff.eval import images, quality
+from jaxdiff.train import parallel, rundir
 from jaxdiff.train.checkpoint import Checkpointer, CheckpointError
+from jaxdiff.train.nonfinite import with_skip_nonfinite
 
 # Settings a resumed run may change: how long and how often (train.steps extends a run), how it
 # samples, evaluates and lays out devices, where the data lives, and how the network computes.
@@ -70,7 +71,8 @@ def _train_step(config, model, tx, lr_fn, process):
                                               loss_options=build.loss_options(config))
     step = train_lib.make_train_step(objective, tx, lr_fn,
                                      ema_decays=tuple(config.optim.ema_decays))
-    return faults.with_skip_nonfinite(step) if config.train.get("skip_nonfinite") else step
+    # train.skip_nonfinite is optional (validate.OPTIONAL): configs written before it lack it
+    return with_skip_nonfinite(step) if config.train.get("skip_nonfinite") else step
 
 
 def _check_resume(config, workdir, model, tx, info):
@@ -193,14 +195,14 @@ def classes(config):
 
 
 def _report(config, workdir, x, labels, step, t_start):
-    """report.json + a printed summary: time, and for digits the classifier agreement."""
+    """report.json + a printed summary: time, and the classifier agreement of class-conditional
+    samples where the dataset has a built-in classifier (`quality.classifier_agreement_fn`)."""
     report = {"step": step, "train_wall_s": round(time.time() - t_start, 1),
               "num_samples": len(x), "sampler": config.sampler.name,
               "sampler_steps": config.sampler.steps, "guidance": config.sampler.guidance}
-    if config.data.name.startswith("digits") and labels is not None:
-        from jaxdiff.eval import digits
-
-        acc, per_class = digits.agreement(x, labels)
+    agreement = quality.classifier_agreement_fn(config.data.name)
+    if agreement is not None and labels is not None:
+        acc, per_class = agreement(x, labels)
         report.update(classifier_agreement=acc, per_class=per_class)
     write_json(os.path.join(workdir, "report.json"), report)
     if jax.process_index() == 0:

@@ -24,7 +24,8 @@ from jaxdiff.cli import build
 from jaxdiff.core import losses, schedules
 from jaxdiff.core.denoiser import PREDICTIONS
 from jaxdiff.core.guidance import CFG
-from jaxdiff.train import faults, parallel
+from jaxdiff.train import parallel
+from jaxdiff.train.loop import check_loop
 
 SECTIONS = ("model", "process", "loss", "sampler", "optim", "data", "train", "mesh")
 KEYS = {  # the sections with a fixed set of keys (model and process fields depend on the name)
@@ -37,6 +38,9 @@ KEYS = {  # the sections with a fixed set of keys (model and process fields depe
     "mesh": tuple(parallel.AXES),
 }
 OPTIONAL = {"data.latent_shape", "train.skip_nonfinite", "mesh.data", "mesh.fsdp", "mesh.tensor"}
+LOOP_KEYS = {"total_steps": "train.steps", "log_every": "train.log_every",  # check_loop's names
+             "ckpt_every": "train.ckpt_every", "keep": "train.keep",
+             "sample_every": "train.sample_every"}
 LR_SCHEDULES = ("cosine", "constant")  # jaxdiff.train.make_optimizer
 # model keys that decide whether a model can take the data's shape, named in that error
 SHAPE_KEYS = ("preset", "channels", "channel_mult", "attn_resolutions", "norm_groups",
@@ -48,9 +52,7 @@ def check_config(config):
     setting that would fail or silently misbehave later in training or sampling."""
     _check_structure(config)
     _check_values(config)
-    c = config.train
-    faults.check_loop(total_steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every,
-                      keep=c.keep, sample_every=c.sample_every)
+    _check_loop(config)
     _check_optim(config)
     _check_mesh(config)
     info = _check_data(config)
@@ -58,6 +60,16 @@ def check_config(config):
     _check_classes(config, info)
     _check_sampler(config, process, info["shape"])
     _check_model(config, info["shape"])
+
+
+def _check_loop(config):
+    """The loop settings as `jaxdiff.train.loop.check_loop` takes them, the error naming the
+    config key."""
+    for name, key in LOOP_KEYS.items():
+        try:
+            check_loop(**{name: config.train[key.split(".")[1]]})
+        except ValueError as e:
+            raise ValueError(f"{e} (config: {key})") from None
 
 
 def _check_structure(config):
@@ -156,7 +168,7 @@ def _check_optim(config):
 def _check_mesh(config):
     """Mesh sizes as `jaxdiff.train.parallel.make_mesh` takes them; whether they fit the devices is
     checked where the run builds its mesh (it depends on the machine)."""
-    sizes = dict(config.get("mesh", {}))
+    sizes = dict(config.mesh)  # a required section (_check_structure); its keys are optional
     for name, size in sizes.items():
         if not _integer(size) or (size < 1 and size != -1):
             raise ValueError(f"mesh.{name}={size!r} is not a mesh size; allowed: an integer >= 1 "

@@ -44,6 +44,7 @@ from jaxdiff.train import rundir
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into every finalized step directory
 _TMP_MARK = ".orbax-checkpoint-tmp"
 TRASH = "deleted"  # old steps are renamed into this subdirectory, then removed
+FRESH_WORKDIR = "a fresh work directory"  # in messages (jaxdiff.cli puts its flag in)
 
 
 class CheckpointError(ValueError):
@@ -170,7 +171,7 @@ class Checkpointer:
         found = "; ".join(f"step {s}: {bad[s]}" for s in steps)
         raise CheckpointError(
             f"no readable checkpoint in {self.directory} ({found}); move the damaged step "
-            "directories away to start over, or use a fresh --workdir"
+            f"directories away to start over, or use {FRESH_WORKDIR}"
         )
 
     def _restore_step(self, step, abstract_state, description):
@@ -195,7 +196,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"{self.directory} holds a checkpoint (step {step}) of another architecture: "
                 f"saved model {saved.get('model')}, this run's model {description.get('model')}; "
-                "use a fresh --workdir or the original config"
+                f"use {FRESH_WORKDIR} or the original config"
             )
         saved_shapes = _read(lambda: _shapes(ocp.StandardCheckpointHandler().metadata(
             epath.Path(path) / "state").tree))
@@ -349,7 +350,7 @@ def _check_fits(saved, wanted, directory, step):
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(
             f"{directory} step {step} does not fit this run's train state ({problems[0]}{more}); "
-            "use a fresh --workdir or the original config"
+            f"use {FRESH_WORKDIR} or the original config"
         )
 
 

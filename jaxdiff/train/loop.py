@@ -13,10 +13,13 @@ import sys
 import time
 
 import jax
+import numpy as np
 
-from jaxdiff.train import faults, parallel, rundir
+from jaxdiff.train import parallel, rundir
 from jaxdiff.train.checkpoint import Checkpointer, abstract
 from jaxdiff.train.logger import MetricsLog
+from jaxdiff.train.nonfinite import check_finite
+from jaxdiff.train.preemption import PreemptionGuard
 
 
 def train(state, train_step, data, *, workdir, total_steps, log_every=100, ckpt_every=1000,
@@ -34,8 +37,8 @@ def train(state, train_step, data, *, workdir, total_steps, log_every=100, ckpt_
     locked throughout (`jaxdiff.train.rundir`: a second trainer there is refused). frozen: passed to
     every step as its third argument (`make_train_step`). Returns the final
     state."""
-    faults.check_loop(total_steps=total_steps, log_every=log_every, ckpt_every=ckpt_every,
-                      keep=keep, sample_every=sample_every)
+    check_loop(total_steps=total_steps, log_every=log_every, ckpt_every=ckpt_every,
+               keep=keep, sample_every=sample_every)
     description = dict(description or {})
     with rundir.lock(workdir):
         ckpt = Checkpointer(workdir, keep=keep)
@@ -47,7 +50,7 @@ def train(state, train_step, data, *, workdir, total_steps, log_every=100, ckpt_
             if log:
                 _announce(state, mesh)
             try:
-                with faults.PreemptionGuard() as preempt:  # SIGTERM/Ctrl-C: save, stop, exit 0
+                with PreemptionGuard() as preempt:  # SIGTERM/Ctrl-C: save, stop, exit 0
                     state = _loop(state, step_fn, put, data, ckpt, logger, total_steps,
                                   log_every, ckpt_every, sample_every, sample_fn, description,
                                   preempt)
@@ -56,6 +59,15 @@ def train(state, train_step, data, *, workdir, total_steps, log_every=100, ckpt_
         finally:
             ckpt.close()
     return state
+
+
+def check_loop(**settings):
+    """ValueError (one line) unless each loop setting is an integer >= 1 (`sample_every`: >= 0,
+    0 = never), e.g. check_loop(total_steps=1000, log_every=100, ckpt_every=500, keep=3)."""
+    for name, value in settings.items():
+        low = 0 if name == "sample_every" else 1
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name}={value!r} must be an integer >= {low}")
 
 
 def _compiled(train_step, state, mesh, rules, frozen=None):
@@ -104,14 +116,14 @@ def _loop(state, step_fn, put, data, ckpt, logger, total_steps, log_every, ckpt_
         step += 1
         if step % log_every == 0 or step == total_steps:
             metrics = jax.device_get(metrics)
-            faults.check_finite(metrics, step, ckpt)
+            check_finite(metrics, step, ckpt)
             dt = time.perf_counter() - t0
             metrics["img_per_s"] = (step - n0) * len(batch["x"]) / max(dt, 1e-9)
             logger.write(step, metrics)
             t0, n0 = time.perf_counter(), step
         stop = preempt is not None and preempt.should_stop(step)
         if stop or step % ckpt_every == 0 or step == total_steps:
-            faults.check_finite(jax.device_get(metrics), step, ckpt)  # never save a NaN state
+            check_finite(jax.device_get(metrics), step, ckpt)  # never save a NaN state
             ckpt.save(step, state, data.get_state(), description)
         if stop:
             preempt.report(step, ckpt)

@@ -1,4 +1,4 @@
-"""The run directory: one trainer per `--workdir`, and what a resumed run may change.
+"""The run directory: one trainer per work directory, and what a resumed run may change.
 
 `lock(workdir)` holds an exclusive `flock` on `workdir/.lock` for its block. A second trainer
 on the same workdir is refused at once (`WorkdirBusy`, one line naming the holder's PID and
@@ -28,6 +28,7 @@ import socket
 import time
 
 LOCK_NAME = ".lock"
+OTHER_WORKDIR = "another work directory"  # in messages (jaxdiff.cli puts its flag in)
 _held = {}  # realpath(workdir) -> [fd (None on processes other than 0), depth]
 
 
@@ -123,7 +124,7 @@ def _acquire(workdir):
             os.close(fd)
             raise WorkdirBusy(
                 f"{workdir} is in use by another jaxdiff train ({_holder_text(holder)}; lock "
-                f"{path}); wait for it to end or stop it, or use another --workdir") from None
+                f"{path}); wait for it to end or stop it, or use {OTHER_WORKDIR}") from None
         except BaseException:
             os.close(fd)
             raise
