@@ -209,3 +209,26 @@ def test_score_per_class_marks_absent_classes(tmp_path):
     keep = y < 5
     out = testbed.score(x[keep], y[keep], resolution=8, root=str(tmp_path))
     assert out["per_class"][5:] == [None] * 5 and all(a > 0.8 for a in out["per_class"][:5])
+
+
+def test_changed_sources_keep_the_cache_when_training_computes_the_same(tiny, tmp_path,
+                                                                        monkeypatch):
+    """A source edit that leaves training's first updates bit-identical (the probe) keeps the
+    cache under the new fingerprint; one that changes them (a patched probe) rebuilds."""
+    root, _ = tiny
+    with open(os.path.join(root, "tiny", "meta.json")) as f:
+        spec = json.load(f)["settings"]  # TINY, or what another test built there since
+    tb = testbed.load("tiny", root=root, spec=spec, build=False, log=False)
+    assert tb.meta["probe"] == testbed.probe(spec)  # deterministic
+    extra = tmp_path / "refactored.py"
+    extra.write_text("x = 1\n")
+    monkeypatch.setattr(testbed, "SOURCES", testbed.SOURCES + (str(extra),))
+    kept = testbed.load("tiny", root=root, spec=spec, build=False, log=False)
+    assert kept.meta["fingerprint"] != tb.meta["fingerprint"]
+    assert kept.meta["sources_changed_from"] == tb.meta["fingerprint"]
+    for a, b in zip(jax.tree.leaves(tb.params), jax.tree.leaves(kept.params)):
+        np.testing.assert_array_equal(a, b)
+    extra.write_text("x = 2\n")  # another edit, and now training computes something else
+    monkeypatch.setattr(testbed, "probe", lambda spec: "different")
+    with pytest.raises(FileNotFoundError, match="not built"):
+        testbed.load("tiny", root=root, spec=spec, build=False, log=False)
