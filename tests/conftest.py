@@ -1,6 +1,12 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU without LLVM's optimisation passes compiles the tests' programs ~4x faster and
+# computes the same values (tests/_cli.py); set before jax starts, inherited by subprocesses.
+from tests._cli import FAST_COMPILE  # noqa: E402
+
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 
 import pytest  # noqa: E402
@@ -20,11 +26,12 @@ def digits_run(tmp_path_factory):
     """A tiny digits run trained once per session by the CLI (2 steps, logged every step, one
     checkpoint at step 2), for the tests that only read a trained run (test_train,
     test_eval_cli). A test that changes a run works on a copy (shutil.copytree)."""
+    from tests._cli import fast_compile
     from tests._runs import TINY, cached_env, cli
 
     workdir = tmp_path_factory.mktemp("digits") / "run"
-    env = cached_env(tmp_path_factory.mktemp("digits_jax_cache"))
+    env = fast_compile(cached_env(tmp_path_factory.mktemp("digits_jax_cache")))
     out = cli(env, "train", *TINY, "--config.train.log_every=1", "--config.train.steps=2",
-              "--config.train.ckpt_every=2", f"--workdir={workdir}")
+              "--config.train.ckpt_every=2", f"--workdir={workdir}", timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     return workdir

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,34 +12,27 @@ from jaxdiff.core import analytic, likelihood
 from jaxdiff.core.denoiser import denoiser, model_from_denoiser
 from jaxdiff.core.process import EDM
 from jaxdiff.eval import digits, metrics, plots, quality, train_digits
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [  # tests/test_train.py's small digits run, 2 steps
-    "--config=configs/digits.py", "--config.model.channels=8", "--config.model.channel_mult=(1,)",
-    "--config.model.attn_resolutions=()", "--config.model.norm_groups=4",
-    "--config.data.batch_size=16", "--config.optim.warmup_steps=1", "--config.train.log_every=1",
-    "--config.train.sample_every=0", "--config.train.num_samples=10", "--config.sampler.steps=4",
-    "--config.train.steps=2", "--config.train.ckpt_every=2",
-]
-
-
-def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "jaxdiff.cli", *args], cwd=ROOT, timeout=timeout,
-                          capture_output=True, text=True)
+from tests import _runs
+from tests._cli import fast_compile
+from tests._cli import main as _main
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("evalcli") / "run"
-    out = _cli("train", *TINY, f"--workdir={workdir}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    return workdir
+def run(digits_run):
+    """The session's tiny digits run (tests/conftest.py): 2 steps, logged every step."""
+    return digits_run
 
 
-def test_eval_writes_fd_pr_nll_report(run, tmp_path):
+@pytest.fixture(scope="module")
+def cli_env(cli_env):
+    """tests/conftest.py's environment (a compilation cache for this module), compiling fast."""
+    return fast_compile(cli_env)
+
+
+def test_eval_writes_fd_pr_nll_report(run, tmp_path, cli_env):
     path = tmp_path / "report.json"
-    out = _cli("eval", f"--workdir={run}", "--metrics=fd,pr,nll", "--sampler=heun", "--steps=3",
-               "--num=20", "--divergence=hutchinson", f"--out={path}")
+    out = _runs.cli(cli_env, "eval", f"--workdir={run}", "--metrics=fd,pr,nll", "--sampler=heun",
+                    "--steps=3", "--num=20", "--divergence=hutchinson", f"--out={path}")
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.load(open(path))
     assert (r["step"], r["sampler"], r["steps"], r["num_samples"]) == (2, "heun", 3, 20)
@@ -58,10 +49,10 @@ def test_eval_writes_fd_pr_nll_report(run, tmp_path):
     assert 0 < r["bpd"] < 30 and np.isfinite(r["bpd_std_err"])
 
 
-def test_sweep_writes_table_plot_and_counts_nfe(run, tmp_path):
+def test_sweep_writes_table_plot_and_counts_nfe(run, tmp_path, cli_env):
     prefix = tmp_path / "sweep"
-    out = _cli("eval", "sweep", f"--workdir={run}", "--samplers=ddim,heun", "--steps=1,3",
-               "--num=20", f"--out={prefix}")
+    out = _runs.cli(cli_env, "eval", "sweep", f"--workdir={run}", "--samplers=ddim,heun",
+                    "--steps=1,3", "--num=20", f"--out={prefix}")
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.load(open(f"{prefix}.json"))["rows"]
     nfe = {(r["sampler"], r["steps"]): r["nfe"] for r in rows}
@@ -74,26 +65,6 @@ def test_sweep_writes_table_plot_and_counts_nfe(run, tmp_path):
     assert table[-1].startswith("Real data: 20 training examples with the samples' class "
                                 "balance score FD ")
     assert open(f"{prefix}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-def _main(*args):
-    """`jaxdiff <args>` in this process (fast: no interpreter start): (exit code, stderr lines
-    that start with 'jaxdiff'). Flags are reset before and after, as a fresh process has them."""
-    import contextlib
-    import io
-
-    from jaxdiff.cli import FLAGS, main
-
-    err = io.StringIO()
-    FLAGS.unparse_flags()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(["jaxdiff", *args])
-    except SystemExit as e:
-        code = e.code
-    finally:
-        FLAGS.unparse_flags()
-    return code, [ln for ln in err.getvalue().splitlines() if ln.startswith("jaxdiff")]
 
 
 def test_plot_writes_training_curves(run, tmp_path):
@@ -170,8 +141,9 @@ def test_bad_eval_input_is_one_line(run, tmp_path, args, msg):
     assert errors[0].startswith(f"jaxdiff {command}: error: ")
 
 
-def test_bad_input_from_the_shell_is_one_line(tmp_path):
-    out = _cli("eval", "sweep", f"--workdir={tmp_path}", "--samplers=ddim", "--steps=5,-1")
+def test_bad_input_from_the_shell_is_one_line(tmp_path, cli_env):
+    out = _runs.cli(cli_env, "eval", "sweep", f"--workdir={tmp_path}", "--samplers=ddim",
+                    "--steps=5,-1")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.stderr.strip() == ("jaxdiff eval sweep: error: --steps=5,-1 must be a "
                                   "comma-separated list of positive integers, e.g. 5,10,20,50")

@@ -47,6 +47,12 @@ def _params(model, x, t, y=None, seed=1, **kw):
     return jax.tree_util.tree_map_with_path(draw, nn.unbox(_shapes(model, x, t, y, **kw)))
 
 
+def _tiny(name):
+    """TINY[name], its inputs and host-drawn parameters."""
+    x, t, y = _inputs()
+    return TINY[name], x, t, y, _params(TINY[name], x, t, y)
+
+
 @partial(jax.jit, static_argnames=("model", "train"))
 def _apply(model, v, x, t, y=None, context=None, train=False, rng=None):
     kw = {} if context is None else dict(context=context)
@@ -91,9 +97,7 @@ def test_initial_output_is_zero(name):
 
 @pytest.mark.parametrize("name", ["unet", "dit"])
 def test_conditioning_changes_output(name):
-    model = TINY[name]
-    x, t, y = _inputs()
-    v = _params(model, x, t, y)
+    model, x, t, y, v = _tiny(name)
     out = _apply(model, v, x, t, y)
     assert out.shape == x.shape and out.dtype == jnp.float32 and np.all(np.isfinite(out))
     diff = lambda a: float(np.abs(a - out).max())
@@ -110,9 +114,7 @@ def test_conditioning_changes_output(name):
 
 @pytest.mark.parametrize("name", ["unet", "dit"])
 def test_null_label_row_and_invalid_labels(name):
-    model = TINY[name]
-    x, t, y = _inputs()
-    v = _params(model, x, t, y)
+    model, x, t, y, v = _tiny(name)
     table = v["params"]["y_embedder" if name == "dit" else "label_embed"]["embedding_table"]
     assert table["embedding"].shape[0] == K + 1
     # under jit the labels are not concrete: the bad sample comes out NaN instead
@@ -149,9 +151,7 @@ def test_unet_dropout_only_in_training():
 
 @pytest.mark.parametrize("name", ["unet", "dit"])
 def test_bf16_compute_close_to_f32(name):
-    model = TINY[name]
-    x, t, y = _inputs()
-    v = _params(model, x, t, y)
+    model, x, t, y, v = _tiny(name)
     ref = _apply(model, v, x, t, y)
     out = _apply(model.clone(dtype=jnp.bfloat16), v, x, t, y)
     assert out.dtype == jnp.float32 and np.all(np.isfinite(out))

@@ -9,17 +9,29 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
+
+from tests import _runs
+from tests._cli import fast_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a constant learning rate: a run resumed to more steps equals one run to those steps, so one
+# reference run serves every comparison below
 ARGS = ["train", "--config=configs/toy2d.py", "--config.model.width=32",
         "--config.model.depth=1", "--config.data.batch_size=32", "--config.optim.warmup_steps=1",
-        "--config.train.log_every=3", "--config.train.ckpt_every=3",
-        "--config.train.sample_every=0", "--config.train.num_samples=16",
-        "--config.sampler.steps=2"]
+        "--config.optim.schedule=constant", "--config.train.log_every=3",
+        "--config.train.ckpt_every=3", "--config.train.sample_every=0",
+        "--config.train.num_samples=16", "--config.sampler.steps=2"]
 
 
-def _run(processes, devices, workdir, steps, extra=()):
-    env = dict(os.environ, JAXDIFF_LOCAL_DEVICES=str(devices), PYTHON=sys.executable)
+@pytest.fixture(scope="module")
+def cli_env(cli_env):
+    """tests/conftest.py's environment (a compilation cache for this module), compiling fast."""
+    return fast_compile(cli_env)
+
+
+def _run(env, processes, devices, workdir, steps, extra=()):
+    env = dict(env, JAXDIFF_LOCAL_DEVICES=str(devices), PYTHON=sys.executable)
     out = subprocess.run(["bash", "launch/local.sh", str(processes), *ARGS, *extra,
                           f"--config.train.steps={steps}", f"--workdir={workdir}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -27,9 +39,11 @@ def _run(processes, devices, workdir, steps, extra=()):
     return out
 
 
-def _params(workdir):
-    """Params and EMA params of the latest checkpoint, read onto this process's one device."""
-    step = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step()
+def _params(workdir, step=None):
+    """(step, (params, EMA params)) of checkpoint `step` (default: the latest), read onto this
+    process's one device."""
+    step = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step() if (
+        step is None) else step
     path = os.path.join(workdir, "checkpoints", str(step), "state")
     reader = ocp.StandardCheckpointer()
     here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -43,19 +57,35 @@ def _close(a, b):
     return jax.tree.all(jax.tree.map(lambda x, y: np.allclose(x, y, rtol=1e-5, atol=1e-6), a, b))
 
 
-def test_two_processes_equal_one_and_checkpoints_move_between_them(tmp_path):
-    two, one = tmp_path / "two", tmp_path / "one"
-    _run(2, 4, two, steps=6)  # 2 processes x 4 devices
-    _run(1, 8, one, steps=6)  # 1 process x 8 devices
-    (s2, p2), (s1, p1) = _params(two), _params(one)
-    assert s1 == s2 == 6 and _close(p1, p2), "2 x 4 devices differs from 1 x 8"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cli_env):
+    """`reference(step)`: (params, EMA params) after `step` steps of one uninterrupted run in one
+    process on 4 devices, which keeps a checkpoint of every step (12 at first; resumed further
+    on demand)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    every = ["--config.train.ckpt_every=1", "--config.train.keep=1000"]
+
+    def at(step):
+        if step > max(_runs.steps(workdir), default=0):
+            _run(cli_env, 1, 4, workdir, steps=max(step, 12), extra=every)
+        got, params = _params(workdir, step)
+        assert got == step
+        return params
+
+    return at
+
+
+def test_two_processes_equal_one_and_checkpoints_move_between_them(tmp_path, cli_env, reference):
+    two = tmp_path / "two"
+    _run(cli_env, 2, 4, two, steps=6)  # 2 processes x 4 devices
+    s2, p2 = _params(two)
+    assert s2 == 6 and _close(reference(6), p2), "2 x 4 devices differs from 1 x 4"
     lines = open(two / "metrics.jsonl").read().splitlines()
     assert len(lines) == 2, "only process 0 writes the logs"
-    # topology change: the 2-process checkpoint continues in 1 process as an 8-step 1-process run
-    _run(1, 8, two, steps=9)
-    _run(1, 8, one, steps=9)
-    (s2, p2), (s1, p1) = _params(two), _params(one)
-    assert s1 == s2 == 9 and _close(p1, p2)
+    # topology change: the 2-process checkpoint continues in 1 process on 8 devices
+    _run(cli_env, 1, 8, two, steps=9)
+    s2, p2 = _params(two)
+    assert s2 == 9 and _close(reference(9), p2)
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
@@ -67,7 +97,7 @@ s=0; for p in "${pids[@]}"; do wait "$p" || s=$?; done; exit $s
 """
 
 
-def test_slurm_script_runs_two_tasks_that_join(tmp_path):
+def test_slurm_script_runs_two_tasks_that_join(tmp_path, cli_env, reference):
     """launch/slurm.sbatch under stand-ins for srun and scontrol: the coordinator is the job's
     first node, the ranks come from SLURM's environment, and the two tasks train together."""
     bin_dir = tmp_path / "bin"
@@ -76,16 +106,17 @@ def test_slurm_script_runs_two_tasks_that_join(tmp_path):
     (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'localhost\\nnode-b\\n'\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable,
-               SLURM_JOB_NODELIST="localhost,node-b", SLURM_NTASKS="2", SLURM_NNODES="2",
-               SLURM_JOB_ID=str(os.getpid()),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = fast_compile(dict(cli_env, PATH=f"{bin_dir}:{os.environ['PATH']}",
+                            PYTHON=sys.executable, SLURM_JOB_NODELIST="localhost,node-b",
+                            SLURM_NTASKS="2", SLURM_NNODES="2", SLURM_JOB_ID=str(os.getpid()),
+                            XLA_FLAGS="--xla_force_host_platform_device_count=2"))
     out = subprocess.run(["bash", "launch/slurm.sbatch", *ARGS, "--config.train.steps=3",
                           f"--workdir={tmp_path / 'run'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 node(s), coordinator localhost:" in out.stderr
-    assert _params(tmp_path / "run")[0] == 3
+    step, params = _params(tmp_path / "run")
+    assert step == 3 and _close(reference(3), params)  # 2 tasks x 2 devices equal 1 x 4
     for rank in (0, 1):
         assert f"jaxdiff train: process {rank} of 2, 2 of 4 devices" in out.stderr
 
@@ -108,18 +139,18 @@ def test_launch_scripts_parse_and_tpu_script_targets_every_worker():
     assert bad.returncode == 2 and "allowed: create, install, train" in bad.stderr
 
 
-def test_sigterm_stops_every_process_at_one_step_and_resumes(tmp_path):
+def test_sigterm_stops_every_process_at_one_step_and_resumes(tmp_path, cli_env, reference):
     """A preemption notice reaching both processes: they agree on one step (JAX's preemption
     service), save it together and exit 0; the resumed run equals an uninterrupted one."""
     import signal
     import time
 
-    common = [*ARGS, "--config.optim.schedule=constant", "--config.train.log_every=1"]
-    env = dict(os.environ, JAXDIFF_LOCAL_DEVICES="2", PYTHON=sys.executable)
+    env = dict(cli_env, JAXDIFF_LOCAL_DEVICES="2", PYTHON=sys.executable)
     run = tmp_path / "run"
-    proc = subprocess.Popen(["bash", "launch/local.sh", "2", *common, "--config.train.steps=100000",
-                             f"--workdir={run}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(["bash", "launch/local.sh", "2", *ARGS, "--config.train.log_every=1",
+                             "--config.train.steps=100000", f"--workdir={run}"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
@@ -132,9 +163,7 @@ def test_sigterm_stops_every_process_at_one_step_and_resumes(tmp_path):
     assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]
     step = int(stops[0])
     assert _params(run)[0] == step
-    # resume in 2 processes to step + 3, against one process that never stopped
-    _run(2, 2, run, steps=step + 3, extra=["--config.optim.schedule=constant"])
-    ref = tmp_path / "ref"
-    _run(1, 4, ref, steps=step + 3, extra=["--config.optim.schedule=constant"])
-    (s1, p1), (s2, p2) = _params(run), _params(ref)
-    assert s1 == s2 == step + 3 and _close(p1, p2)
+    # resume in 2 processes to step + 3, against the one process that never stopped
+    _run(cli_env, 2, 2, run, steps=step + 3)
+    s2, p2 = _params(run)
+    assert s2 == step + 3 and _close(reference(step + 3), p2)

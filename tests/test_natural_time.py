@@ -13,19 +13,14 @@ from jaxdiff.core import analytic, schedules
 from jaxdiff.core.denoiser import model_from_denoiser
 from jaxdiff.core.process import EDM, VE, DiscreteVP, RectifiedFlow, VPCosine, VPLinear
 from jaxdiff.samplers import SAMPLERS
+from tests._gauss import GAUSS, GMM, counting
 
 heun = SAMPLERS["heun"]
-# three overlapping modes (as in test_samplers_single): smooth enough for asymptotic orders
-GMM = analytic.gmm_denoiser(
-    jnp.array([[0.5, -0.3], [-0.6, 0.4], [0.1, 0.9]]), jnp.array([0.2, 0.3, 0.25]),
-    jnp.array([0.3, 0.3, 0.4]),
-)
 # configs/toy2d's `gmm` set: eight modes of std 0.1 on a ring of radius sqrt(2 (1 - 0.1^2))
 RING_STD = 0.1
 _angles = 2 * np.pi * np.arange(8) / 8
 RING_MEANS = np.sqrt(2 * (1 - RING_STD**2)) * np.stack([np.cos(_angles), np.sin(_angles)], 1)
 RING = analytic.gmm_denoiser(RING_MEANS, np.full(8, RING_STD), np.ones(8))
-GAUSS = analytic.gaussian_denoiser(0.3, 0.6)
 
 
 def test_heun_in_t_is_second_order():
@@ -84,20 +79,10 @@ def test_one_step_is_edm_algorithm_1_in_flow_time():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
-def _counting(D):
-    calls = []
-
-    def counted(x, s):
-        jax.debug.callback(lambda: calls.append(1))
-        return D(x, s)
-
-    return counted, calls
-
-
 def test_exact_nfe_and_no_call_at_zero():
     """2 NFE a step, 1 on the step to 0 (which returns D), traced steps on a padded grid."""
     p = RectifiedFlow()
-    D, calls = _counting(GMM)
+    D, calls = counting(GMM)
     fn = jax.jit(lambda x, s, n, p: heun(D, x, s, num_steps=n, time=p))
     x = jax.random.normal(jax.random.key(0), (4, 2))
     for final_zero, expected in [(True, 9), (False, 10)]:

@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from tests._cli import fast_compile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 INSTALL, CONFIG = 1, 3  # code cells: the install cell, the config cell (reads configs/digits.py)
@@ -23,6 +25,12 @@ TRAPPED = """import jaxdiff
 assert jaxdiff.__file__ is None and not hasattr(jaxdiff, "sample")  # the folder in the cwd"""
 CHECK = """import jaxdiff
 print("loaded", jaxdiff.__file__, hasattr(jaxdiff, "sample"))"""
+# after the config cell: tests/test_train.py's tiny UNet; the shipped model takes minutes to
+# compile on 2 cores and is no different to the notebook's flow
+TINY_MODEL = """config.model.update(channels=8, channel_mult=(1,), attn_resolutions=())
+config.model.norm_groups = 4
+config.data.batch_size = 16
+config.train.num_samples = 10"""
 
 
 def _execute(nb, cwd, allow_errors=False):
@@ -50,8 +58,11 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     monkeypatch.setenv("JAXDIFF_NOTEBOOK_STEPS", "4")
     monkeypatch.setenv("JAXDIFF_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+    monkeypatch.setenv("XLA_FLAGS", fast_compile(os.environ)["XLA_FLAGS"])  # for the kernel
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert UNSET in nb.cells[INSTALL].source  # as shipped: unset
+    assert "config = runpy.run_path(" in nb.cells[CONFIG].source
+    nb.cells.insert(CONFIG + 1, nbformat.v4.new_code_cell(TINY_MODEL))
     outputs = _execute(nb, tmp_path)
     install = "".join(o.get("text", "") for o in nb.cells[INSTALL].outputs)
     assert install == f"jaxdiff from {os.path.join(ROOT, 'jaxdiff')}\n"  # no pip output

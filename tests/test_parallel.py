@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests._cli import fast_compile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(8, 1, 1), (4, 2, 1), (2, 2, 2)]
 TOL = 1e-5  # float32, relative to each array's largest entry
@@ -20,11 +22,11 @@ TOL = 1e-5  # float32, relative to each array's largest entry
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env = fast_compile(dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                            JAX_PLATFORMS="cpu", PYTHONPATH=ROOT))
     workdir = tmp_path_factory.mktemp("parallel")
     out = subprocess.run([sys.executable, os.path.abspath(__file__), str(workdir)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

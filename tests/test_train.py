@@ -1,47 +1,29 @@
 """Training system: the step, kill-and-resume bit-identity, the CLI's commands and errors."""
 
 import json
-import os
+import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from jaxdiff import models, train
 from jaxdiff.core import losses
 from jaxdiff.core.process import EDM
+from tests import _runs
+from tests._cli import fast_compile, main
 
-TINY = [  # a small, fast run of the digits demo config
-    "--config=configs/digits.py", "--config.model.channels=8", "--config.model.channel_mult=(1,)",
-    "--config.model.attn_resolutions=()", "--config.model.norm_groups=4",
-    "--config.data.batch_size=16", "--config.optim.warmup_steps=1", "--config.train.log_every=3",
-    "--config.train.sample_every=0", "--config.train.num_samples=10",
-    "--config.sampler.steps=4",
-]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = _runs.TINY + ["--config.train.log_every=3"]  # a small, fast run of the digits config
 
 
-def _cli(*args, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-m", "jaxdiff.cli", *args], cwd=ROOT, timeout=timeout,
-                          capture_output=True, text=True, **kw)
-
-
-def _final_state(workdir):
-    """(step, (train state, data-iterator state)) of the latest checkpoint, read with orbax
-    directly: params, EMA params, optimizer state, PRNG key, step and data position."""
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    step = mngr.latest_step()
-    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                     data=ocp.args.JsonRestore()))
-    mngr.close()
-    return step, (jax.tree.map(np.asarray, got["state"]), got["data"])
+@pytest.fixture(scope="module")
+def cli_env(cli_env):
+    """tests/conftest.py's environment (a compilation cache for this module), compiling fast."""
+    return fast_compile(cli_env)
 
 
 def test_train_step_learns_and_is_pure():
@@ -59,34 +41,33 @@ def test_train_step_learns_and_is_pure():
     first, _ = step(state, batch)
     again, _ = step(state, batch)  # same state, same batch: same result (randomness from step)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), first, again))
+    @jax.jit
     def held_out_loss(params):  # fixed noise draws: a deterministic measure of fit
         net = train.network(model, params)
-        return np.mean([float(losses.diffusion_loss(
+        return jnp.mean(jax.vmap(lambda k: losses.diffusion_loss(
             net, batch["x"], jax.random.key(k), process=EDM(), prediction="edm",
-            time_sampling="lognormal", args=(batch["label"],))[0]) for k in range(8)])
+            time_sampling="lognormal", args=(batch["label"],))[0])(jnp.arange(8)))
 
-    before = held_out_loss(state.params)
+    before = float(held_out_loss(state.params))
     for _ in range(60):
         state, metrics = step(state, batch)
     assert int(state.step) == 60 and len(state.ema_params) == 2
     assert np.isfinite(float(metrics["loss"])) and float(metrics["lr"]) >= 0
-    assert held_out_loss(state.params) < 0.9 * before  # measured 0.81; no learning = 1.0
+    assert float(held_out_loss(state.params)) < 0.9 * before  # measured 0.81; no learning = 1.0
     # EMA with decay 0.99 (warmed up: min(d, (1+step)/(10+step))) lags further behind than 0.5
     dist = [optax.tree.norm(jax.tree.map(jnp.subtract, e, state.params)) for e in
             state.ema_params]
     assert 0 < float(dist[0]) < float(dist[1])
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path):
+def test_kill_and_resume_is_bit_identical(tmp_path, cli_env):
     """A run killed (SIGKILL) after a checkpoint and resumed ends with exactly the train state
     and data position of an uninterrupted run, and logs each step once."""
     args = TINY + ["--config.train.steps=24", "--config.train.ckpt_every=6"]
-    whole = _cli("train", *args, f"--workdir={tmp_path / 'whole'}")
+    whole = _runs.cli(cli_env, "train", *args, f"--workdir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-2000:]
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "jaxdiff.cli", "train", *args,
-                             f"--workdir={killed_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = _runs.start(cli_env, "train", *args, f"--workdir={killed_dir}")
     ckpts = killed_dir / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and not (ckpts.exists() and
@@ -96,9 +77,9 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     proc.wait()
     resumed_from = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     assert 6 <= resumed_from < 24, f"the kill came too late to test anything ({resumed_from})"
-    resumed = _cli("train", *args, f"--workdir={killed_dir}")
+    resumed = _runs.cli(cli_env, "train", *args, f"--workdir={killed_dir}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    (s1, a), (s2, b) = _final_state(tmp_path / "whole"), _final_state(killed_dir)
+    (s1, a), (s2, b) = _runs.final(tmp_path / "whole"), _runs.final(killed_dir)
     assert s1 == s2 == 24 and int(b[0]["step"]) == 24
     assert jax.tree.structure(a) == jax.tree.structure(b)
     assert jax.tree.all(jax.tree.map(np.array_equal, a, b)), "resumed run differs"
@@ -106,44 +87,42 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert rows == list(range(3, 25, 3)), rows
 
 
-def test_sample_command_and_errors(tmp_path):
-    run = tmp_path / "run"
-    out = _cli("train", *TINY, "--config.train.steps=3", "--config.train.ckpt_every=3",
-               f"--workdir={run}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    report = json.load(open(run / "report.json"))
-    assert report["step"] == 3 and 0 <= report["classifier_agreement"] <= 1
+def test_sample_command_and_errors(digits_run, tmp_path, cli_env, monkeypatch):
+    """`jaxdiff sample` on the session's trained run (tests/conftest.py: 2 steps); the bad
+    flags are checked in this process, as they end before anything is sampled."""
+    report = json.load(open(digits_run / "report.json"))
+    assert report["step"] == 2 and 0 <= report["classifier_agreement"] <= 1
     png = tmp_path / "grid.png"
-    out = _cli("sample", f"--workdir={run}", "--num=6", "--steps=3", "--class=3",
-               "--guidance=2.0", f"--out={png}")
+    out = _runs.cli(cli_env, "sample", f"--workdir={digits_run}", "--num=6", "--steps=3",
+                    "--class=3", "--guidance=2.0", f"--out={png}")
     assert out.returncode == 0, out.stderr[-2000:]
     arrays = np.load(tmp_path / "grid.npz")
     assert arrays["samples"].shape == (6, 8, 8, 1) and list(arrays["labels"]) == [3] * 6
     assert png.stat().st_size > 0
+    monkeypatch.chdir(tmp_path)  # a bad command writes nothing here (checked below)
     for args, msg in [
         (["--num=0"], "--num=0 must be a positive number of samples"),
         (["--class=12"], "--class=12 is not a class of this model; allowed: 0..9"),
         (["--sampler=fast"], "sampler='fast' is unknown"),
     ]:
-        bad = _cli("sample", f"--workdir={run}", *args)
-        assert bad.returncode != 0 and msg in bad.stderr, bad.stderr[-1500:]
-    missing = _cli("sample", f"--workdir={tmp_path / 'none'}")
-    assert missing.returncode != 0 and "no trained run in" in missing.stderr
+        code, errors = main("sample", f"--workdir={digits_run}", *args)
+        assert code != 0 and len(errors) == 1 and msg in errors[0], errors
+    code, errors = main("sample", f"--workdir={tmp_path / 'none'}")
+    assert code != 0 and len(errors) == 1 and "no trained run in" in errors[0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.npz", "grid.png"]
 
 
-def test_resuming_another_architecture_is_refused(tmp_path):
+def test_resuming_another_architecture_is_refused(digits_run, tmp_path, cli_env):
     run = tmp_path / "run"
-    out = _cli("train", *TINY, "--config.train.steps=2", "--config.train.ckpt_every=2",
-               f"--workdir={run}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    other = _cli("train", *TINY, "--config.model.channels=16", "--config.train.steps=4",
-                 f"--workdir={run}")
+    shutil.copytree(digits_run, run)  # the session's run: 2 steps, a checkpoint at step 2
+    other = _runs.cli(cli_env, "train", *TINY, "--config.model.channels=16",
+                      "--config.train.steps=4", f"--workdir={run}")
     assert other.returncode != 0
     assert "holds a checkpoint (step 2) of another architecture" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1  # one clear line, no traceback
     # remat changes how the network computes, not its parameters: the run resumes with it
-    remat = _cli("train", *TINY, "--config.model.remat=True", "--config.train.steps=4",
-                 f"--workdir={run}")
+    remat = _runs.cli(cli_env, "train", *TINY, "--config.model.remat=True",
+                      "--config.train.steps=4", f"--workdir={run}")
     assert remat.returncode == 0, remat.stderr[-2000:]
     assert "from step 2" in remat.stderr
 
@@ -156,6 +135,6 @@ def test_resuming_another_architecture_is_refused(tmp_path):
      "warmup_steps=50 must be in [0, total_steps=10)"),
     (["--config.model.channel_mult=(1,2,2,2)"], "not divisible"),
 ])
-def test_bad_train_input(tmp_path, args, msg):
-    out = _cli("train", *TINY, *args, f"--workdir={tmp_path / 'w'}")
+def test_bad_train_input(tmp_path, cli_env, args, msg):
+    out = _runs.cli(cli_env, "train", *TINY, *args, f"--workdir={tmp_path / 'w'}")
     assert out.returncode != 0 and msg in out.stderr, out.stderr[-1500:]
