@@ -19,6 +19,9 @@ $(FULL): $(BASE)
 	# torch-fidelity (FID InceptionV3 reference for parity tests) declares torchvision, which has
 	# no CPU build here and would pull CUDA torch: install it alone; the test loads one module.
 	$(BIN)/python -m pip install -q --no-deps torch-fidelity==0.4.0
+	# k-diffusion (sampler parity tests): its package declares torchvision, clean-fid, kornia,
+	# wandb...; the tests load only its sampling module, whose imports the parity extra has.
+	$(BIN)/python -m pip install -q --no-deps k-diffusion==0.1.1.post1
 	touch $(FULL)
 
 # The main job: install, train the default config on the built-in digits, write samples and a

@@ -32,6 +32,9 @@ setup(
                  "ipykernel>=6.0", "tensorboard>=2.15"],
         # PyTorch reference implementations for parity tests and baselines. torch==2.13.0 is the
         # CPU build available on the project machines; any other spec pulls CUDA packages.
-        "parity": ["torch==2.13.0", "diffusers>=0.35"],
+        # torchsde, torchdiffeq, tqdm: what k-diffusion's sampling module imports (k-diffusion
+        # itself is installed without its heavy dependencies by the Makefile's test target).
+        "parity": ["torch==2.13.0", "diffusers>=0.35", "torchsde==0.2.6", "torchdiffeq==0.2.5",
+                   "tqdm>=4.60"],
     },
 )

@@ -41,13 +41,14 @@ def sample(
     process,
     prediction,
     sampler,
-    steps,
+    steps=None,
     schedule=None,
     key=None,
     guidance=None,
     capacity=None,
     trajectory=False,
     time=None,
+    sampler_file=None,
     **sampler_options,
 ):
     """Draws samples by integrating from `noise` (standard normal, shaped like the data).
@@ -71,6 +72,9 @@ def sample(
       trajectory: also return the states after every step.
       time: the time variable of samplers with a `time` option (heun): "t" (the process's own
         time) or "sigma" (the VE level). Default: `default_time(process)`.
+      sampler_file: a learned solver (`jaxdiff.core.solver_fit`: a JSON path or its dict) for
+        sampler="learned": its grid and per-step coefficients replace `schedule` and `steps`
+        (steps, if given, must be its NFE); the coefficients are data to the compiled program.
       **sampler_options: passed to the sampler (e.g. `order=3`, `eta=1.0`).
     Returns:
       samples in the process's scaling at the last noise level (data space when it is 0), and
@@ -78,6 +82,10 @@ def sample(
       `(x, state)` or `(x, traj, state)`.
     """
     noise = _check_inputs(noise, process, prediction, guidance)
+    solver = None
+    if sampler_file is not None or sampler == "learned":
+        schedule, steps, solver = _solver_file(sampler, sampler_file, process, schedule, steps,
+                                               capacity, sampler_options)
     fn = samplers_lib.get(sampler)
     params = inspect.signature(fn).parameters
     unknown = sorted(set(sampler_options) - set(params))
@@ -102,7 +110,32 @@ def sample(
         options=tuple(sorted(sampler_options.items())),
         trajectory=trajectory,
         time=time,
+        solver=solver,
     )
+
+
+def _solver_file(sampler, sampler_file, process, schedule, steps, capacity, options):
+    """(grid, steps, coefficients padded to the capacity) of a learned solver file."""
+    from jaxdiff.core.solver_fit import check_solver_process, load_solver
+
+    if sampler != "learned":
+        raise ValueError(f"sampler_file is for sampler='learned', not sampler={sampler!r}")
+    if sampler_file is None:
+        raise ValueError("sampler='learned' needs sampler_file=PATH (or its dict), e.g. from "
+                         "`jaxdiff tune-sampler`")
+    if "coefficients" in options:
+        raise ValueError("sampler='learned' takes its coefficients from sampler_file, not as an "
+                         "option")
+    solver = load_solver(sampler_file)
+    check_solver_process(solver, process)
+    if schedule is not None:
+        raise ValueError("schedule must be None with a sampler_file (the file holds the grid)")
+    if steps is not None and steps != solver["nfe"]:
+        raise ValueError(f"steps={steps!r} but the solver file is for {solver['nfe']} steps")
+    steps = solver["nfe"]
+    rows = _capacity(steps, capacity) - steps
+    coefs = np.pad(solver["coefficients"], ((0, rows), (0, 0)))
+    return solver["sigmas"], steps, jnp.asarray(coefs, jnp.result_type(float))
 
 
 def _as_pytree(model_fn):
@@ -229,7 +262,7 @@ def _capacity(steps, capacity):
 
 
 def _core(model_fn, noise, sigmas, steps, key, process, guidance, *, sampler, prediction, options,
-          trajectory, time):
+          trajectory, time, solver=None):
     _traces[sampler] += 1
     D = make_denoiser(model_fn, process, prediction)
     if guidance is not None:
@@ -238,6 +271,8 @@ def _core(model_fn, noise, sigmas, steps, key, process, guidance, *, sampler, pr
     kwargs = dict(options, num_steps=steps, trajectory=trajectory)
     if key is not None and "key" in inspect.signature(fn).parameters:
         kwargs["key"] = key
+    if solver is not None:  # a learned solver's coefficient table: data, like the grid
+        kwargs["coefficients"] = solver
     if time == "t":  # the process is traced here, so it reaches the sampler as an argument
         kwargs["time"] = process
     x = noise * process.prior_scale(sigmas[0]).astype(noise.dtype)

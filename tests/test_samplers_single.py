@@ -11,16 +11,11 @@ import jaxdiff
 from jaxdiff.core import analytic, schedules
 from jaxdiff.core.process import EDM, DiscreteVP
 from jaxdiff.samplers import SAMPLERS
+from tests._gauss import GAUSS, GMM, MU, STD, counting, karras_grid
 from tests.diffusers_ref import diffusers_loop, eps_jax
 
-MU, STD = 0.3, 0.6
 FIXED = ["ddim", "euler", "heun", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s",
          "dpmpp_singlestep"]
-GAUSS = analytic.gaussian_denoiser(MU, STD)
-
-
-def _grid(n, final_zero=True):
-    return jnp.asarray(schedules.karras(EDM(), n, final_zero=final_zero), jnp.float32)
 
 
 def _x(shape=(3, 4), dtype=jnp.float32):
@@ -29,17 +24,6 @@ def _x(shape=(3, 4), dtype=jnp.float32):
 
 def _rel(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-
-
-def _counting(D):
-    """D plus a host-side counter of the model calls that actually execute."""
-    calls = []
-
-    def counted(x, s):
-        jax.debug.callback(lambda: calls.append(1))
-        return D(x, s)
-
-    return counted, calls
 
 
 # grid ending at 0 / at a positive level: N = 5 steps
@@ -51,29 +35,23 @@ NFE = {
 
 @pytest.mark.parametrize("name", FIXED)
 def test_exact_nfe_under_jit(name):
-    D, calls = _counting(GAUSS)
+    D, calls = counting(GAUSS)
     # traced step count on a padded grid: the conds must still skip the calls at sigma' = 0
     fn = jax.jit(lambda x, s, n: SAMPLERS[name](D, x, s, num_steps=n))
     for final_zero, expected in zip([True, False], NFE[name]):
         calls.clear()
-        sig = jnp.asarray(schedules.pad(_grid(5, final_zero), 8), jnp.float32)
+        sig = karras_grid(5, final_zero, capacity=8)
         jax.block_until_ready(fn(_x(), sig, 5))
         jax.effects_barrier()
         assert len(calls) == expected, (final_zero, len(calls))
 
 
 def test_first_order_methods_are_ddim():
-    x, sig = _x(), _grid(7)
+    x, sig = _x(), karras_grid(7)
     ref = SAMPLERS["ddim"](GAUSS, x, sig)
     for name in ["euler", "dpm_solver_1"]:
         np.testing.assert_array_equal(SAMPLERS[name](GAUSS, x, sig), ref)
     np.testing.assert_array_equal(SAMPLERS["dpmpp_singlestep"](GAUSS, x, sig, order=1), ref)
-
-
-GMM = analytic.gmm_denoiser(
-    jnp.array([[0.5, -0.3], [-0.6, 0.4], [0.1, 0.9]]), jnp.array([0.2, 0.3, 0.25]),
-    jnp.array([0.3, 0.3, 0.4]),
-)
 
 
 def test_orders_on_gaussian_mixture():
@@ -120,7 +98,7 @@ DISTINCT = ["ddim", "heun", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_s
 
 @pytest.mark.parametrize("name", DISTINCT + ["ode"])
 def test_vmap_equals_batched_run(name):
-    x, sig = _x((4, 3)), _grid(6)
+    x, sig = _x((4, 3)), karras_grid(6)
     fn = SAMPLERS[name]
     batched = jax.jit(lambda x: fn(GAUSS, x, sig))(x)
     mapped = jax.jit(jax.vmap(lambda xi: fn(GAUSS, xi, sig)))(x)
@@ -132,7 +110,7 @@ def test_traced_steps_on_padded_grid(name):
     x, fn = _x(), SAMPLERS[name]
     traced = jax.jit(lambda x, s, n: fn(GAUSS, x, s, num_steps=n, trajectory=True))
     for n in [1, 5, 6]:  # one compiled program for every step count
-        grid = _grid(n)
+        grid = karras_grid(n)
         ref, ref_traj = fn(GAUSS, x, grid, trajectory=True)
         out, traj = traced(x, jnp.asarray(schedules.pad(grid, 9), jnp.float32), n)
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -142,7 +120,7 @@ def test_traced_steps_on_padded_grid(name):
 
 @pytest.mark.parametrize("name", DISTINCT)
 def test_gradients_are_finite_through_the_step_to_zero(name):
-    x, sig = _x((2, 3)) / 80.0, _grid(4)
+    x, sig = _x((2, 3)) / 80.0, karras_grid(4)
 
     def loss(x, s):
         return jnp.sum(SAMPLERS[name](GAUSS, x * s[0], s) ** 2)
@@ -153,7 +131,7 @@ def test_gradients_are_finite_through_the_step_to_zero(name):
 
 
 def test_heun_churn_needs_a_key_and_is_reproducible():
-    x, sig = _x(), _grid(8)
+    x, sig = _x(), karras_grid(8)
     heun = SAMPLERS["heun"]
     with pytest.raises(ValueError, match="key"):
         heun(GAUSS, x, sig, s_churn=10.0)
@@ -185,7 +163,7 @@ def test_heun_churn_matches_edm_algorithm_2_by_hand():
 
 def test_dpmpp_singlestep_rejects_bad_order():
     with pytest.raises(ValueError, match="order"):
-        SAMPLERS["dpmpp_singlestep"](GAUSS, _x(), _grid(4), order=4)
+        SAMPLERS["dpmpp_singlestep"](GAUSS, _x(), karras_grid(4), order=4)
 
 
 # ---------------------------------------------------------------- diffusers parity (float64)

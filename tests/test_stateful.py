@@ -13,10 +13,11 @@ import pytest
 
 import jaxdiff
 from jaxdiff import sampling
-from jaxdiff.core import analytic, guidance, schedules
+from jaxdiff.core import analytic, guidance
 from jaxdiff.core.denoiser import NO_STATE, Stateful, model_from_denoiser
 from jaxdiff.core.process import EDM, RectifiedFlow
 from jaxdiff.samplers import SAMPLERS
+from tests._gauss import counting, karras_grid
 
 REFUSED = {"ode"}  # diffrax's adaptive loop cannot carry a state (see `ode`'s docstring)
 GMM = analytic.gmm_denoiser(jnp.array([[0.5, -0.3], [-0.6, 0.4]]), jnp.array([0.2, 0.3]),
@@ -31,8 +32,7 @@ def _needs_key(name):
 
 
 def _grid(final_zero, capacity=8):
-    grid = schedules.karras(EDM(), 5, final_zero=final_zero)
-    return jnp.asarray(schedules.pad(grid, capacity), jnp.float32)
+    return karras_grid(5, final_zero, capacity)
 
 
 def cache(D, reuse):
@@ -54,19 +54,15 @@ def init(x):
     return jnp.zeros((), jnp.int32), jnp.zeros_like(x)
 
 
-def _counting(D):
-    """D with a host-side counter of the calls that actually execute."""
-    calls = []
-
-    def counted(x, s):
-        jax.debug.callback(lambda: calls.append(1))
-        return D(x, s)
-
-    return counted, calls
-
-
+# samplers that run from fitted tables: any table will do to compare stateful with plain
+TABLES = {
+    "learned": dict(coefficients=jnp.tile(jnp.asarray([[0.6, 0.3, 0.1]]), (8, 1))),
+    "dpm_v3": dict(tables=dict(E=jnp.full((8,), 0.5), C=jnp.zeros((8,) + X.shape[1:]),
+                               L1=jnp.full((8,), 0.1),  # W: (steps, history, *feature shape)
+                               W=jnp.tile(jnp.asarray([0.4, 0.1])[None, :, None], (8, 1, 2)))),
+}
 # the registry, plus options that take other code paths
-CASES = [(name, {}) for name in SAMPLERS] + [
+CASES = [(name, TABLES.get(name, {})) for name in SAMPLERS] + [
     ("heun", dict(s_churn=2.0)),
     ("heun", dict(time=RectifiedFlow())),
     ("pc", dict(n_corrector=2, predictor="euler_maruyama")),
@@ -93,7 +89,7 @@ def test_state_counts_exact_nfe_and_leaves_samples_unchanged(name, opts):
         return fn(Stateful(cache(GMM, False), state), x, sigmas, num_steps=n, trajectory=True,
                   **opts)
 
-    counted, calls = _counting(GMM)
+    counted, calls = counting(GMM)
     plain = jax.jit(lambda x, sigmas, n: fn(counted, x, sigmas, num_steps=n, trajectory=True,
                                             **opts))
     for final_zero, n in ((True, 5), (False, 4)):

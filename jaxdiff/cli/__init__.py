@@ -50,6 +50,9 @@ RUN_SECTIONS = ("model", "process", "loss", "sampler", "data")  # what config.js
 
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
+    if argv[1:2] == ["tune-sampler"]:  # its own argparse flags (cli/tune.py)
+        from jaxdiff.cli import tune
+        return tune.main(argv[2:])
     shown = _help(argv[1:])
     if shown is not None:
         return shown
@@ -186,7 +189,7 @@ def _sample(run):
     steps = None if FLAGS.steps is None else parse_steps(FLAGS.steps, many=False)
     run.sample(config, FLAGS.workdir, out=out_path("sample"), num=num, seed=FLAGS.seed,
                sampler=FLAGS.sampler, steps=steps, label=FLAGS["class"].value,
-               guidance=FLAGS.guidance)
+               guidance=FLAGS.guidance, sampler_file=FLAGS.sampler_file)
 
 
 def _run_config(command):

@@ -104,7 +104,7 @@ def _check_resume(config, workdir, model, tx, info):
 
 
 def draw(config, model, process, params, *, num, seed, sampler=None, steps=None, label=None,
-         guidance=None, mesh=None):
+         guidance=None, mesh=None, sampler_file=None):
     """num samples from `params`, data-parallel over `mesh` (default: every device on "data");
     class-conditional models get labels 0..K-1 cycled (or `label`) with classifier-free
     guidance at `guidance` (default: the config's).
@@ -121,11 +121,13 @@ def draw(config, model, process, params, *, num, seed, sampler=None, steps=None,
                                       build.data_info(config)["shape"], mesh)
     net = train_lib.network(model, jax.device_put(params, parallel.replicated(mesh)))
     labels, guide = _labels(config, padded, label, guidance, mesh)
+    run = dict(sampler=sampler or s.name, steps=steps or s.steps, schedule=s.schedule,
+               **dict(s.options))
+    if sampler_file is not None:  # a learned solver: its file holds grid, steps and coefficients
+        run = dict(sampler="learned", steps=steps, sampler_file=sampler_file)
     with parallel.tracing_on(mesh):
         x = jaxdiff.sample(net, noise, process=process, prediction=config.loss.prediction,
-                           sampler=sampler or s.name, steps=steps or s.steps,
-                           schedule=s.schedule, key=jax.random.key(seed + 1), guidance=guide,
-                           **dict(s.options))
+                           key=jax.random.key(seed + 1), guidance=guide, **run)
     return parallel.gather(x)[:num], None if labels is None else labels[:num]
 
 
@@ -161,7 +163,7 @@ def restore(config, workdir, mesh):
 
 
 def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=None,
-           guidance=None):
+           guidance=None, sampler_file=None):
     """Loads the EMA params of the latest checkpoint and writes `out` (PNG) and `.npz`;
     sampling is data-parallel over every device (see `draw`).
 
@@ -173,7 +175,8 @@ def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=N
     mesh = parallel.make_mesh()
     model, process, params, step = restore(config, workdir, mesh)
     x, labels = draw(config, model, process, params, num=num, seed=seed,
-                     sampler=sampler, steps=steps, label=label, guidance=guidance, mesh=mesh)
+                     sampler=sampler, steps=steps, label=label, guidance=guidance, mesh=mesh,
+                     sampler_file=sampler_file)
     _save_samples(out, x, cols=(classes(config) or None) if label is None else None)
     if jax.process_index() == 0:
         np.savez(os.path.splitext(out)[0] + ".npz", samples=x,

@@ -19,6 +19,7 @@ NUM = {"sample": 64, "eval": 1000}  # default --num per command
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
 flags.DEFINE_string("sampler", None, "sample/eval: sampler name (default: the config's).")
+flags.DEFINE_string("sampler_file", None, "sample: a learned solver file (jaxdiff tune-sampler).")
 flags.DEFINE_string("steps", None, "sample/eval: number of sampler steps (default: the "
                     "config's); eval sweep: a list, e.g. 5,10,20,50.")
 flags.DEFINE_integer("num", None, f"sample: number of samples (default {NUM['sample']}); eval: "

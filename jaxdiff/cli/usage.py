@@ -12,6 +12,7 @@ commands:
   eval        score a trained run: FD, precision/recall, bits/dim (JSON report)
   eval sweep  FD against NFE for several samplers and step counts (.md, .png, .json)
   plot        a trained run's training curves as a PNG
+  tune-sampler  fit a learned few-step solver to a trained run (JSON; tune-sampler --help)
 
 example:
   jaxdiff train --config configs/toy2d.py --workdir runs/toy2d

@@ -34,6 +34,13 @@ flow), c_out^2 (edm); SNR = alpha^2/sigma^2 = 1/ve_sigma^2.
               difference), the continuous-time limit of the discrete ELBO (VDM Eq. 13).
               With another time density p(t) the effective weighting becomes w(t) p(t) (Kingma &
               Gao 2023), no longer the ELBO.
+  noise       w_x0 = SNR: the error of the implied noise eps, whatever the prediction (uniform
+              for eps). SiT's score loss ||sigma s + eps||^2 (Ma et al. 2024, "SiT", the score
+              and noise models' unweighted loss) is `prediction="score", weighting="noise"`.
+  velocity    w_x0 = c^2, c = (sigma' alpha - sigma alpha') / sigma: the error of the implied
+              velocity v = alpha' x0 + sigma' eps = (sigma'/sigma) x - c x0 (uniform for flow):
+              SiT's "velocity" weighting of its score and noise losses. SiT's "likelihood"
+              weighting is `likelihood` above (g^2/2 on the score error, times t_max - t_min).
 
 Time sampling: "uniform" (DDPM: integer timesteps for `DiscreteVP`), "logit_normal" (SD3,
 Esser et al. 2024, Sec. 3.1: t = sigmoid(u), u ~ N(m, s^2), mapped affinely onto [t_min, t_max]),
@@ -52,7 +59,7 @@ import jax.numpy as jnp
 from jaxdiff.core.denoiser import check_prediction, edm_coefficients, expand_like, from_x0, to_x0
 from jaxdiff.core.process import DiscreteVP
 
-WEIGHTINGS = ("uniform", "min_snr", "edm", "likelihood")
+WEIGHTINGS = ("uniform", "min_snr", "edm", "likelihood", "noise", "velocity")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "lognormal")
 
 
@@ -105,6 +112,12 @@ def loss_weight(t, process, prediction, weighting="uniform", *, min_snr_gamma=5.
     elif weighting == "edm":
         sd = getattr(process, "sigma_data", 0.5) if sigma_data is None else sigma_data
         w_x0 = (jnp.square(ve) + sd**2) / jnp.square(ve * sd)
+    elif weighting == "noise":
+        w_x0 = snr
+    elif weighting == "velocity":
+        (a, s), (da, ds) = jax.jvp(lambda t: (process.alpha(t), process.sigma(t)), (t,),
+                                   (jnp.ones_like(t),))
+        w_x0 = jnp.square((ds * a - s * da) / s)
     else:
         _, dlam = jax.jvp(process.lam, (t,), (jnp.ones_like(t),))
         w_x0 = -dlam * snr * (process.t_max - process.t_min)

@@ -436,6 +436,11 @@ PROCESSES = {
     "rectified_flow": RectifiedFlow,
 }
 
+# The stochastic interpolants (SiT's Linear and GVP paths) build on this module, so they come last.
+from jaxdiff.core.interpolant import INTERPOLANTS  # noqa: E402
+
+PROCESSES.update(INTERPOLANTS)
+
 
 _INTERFACE = ("alpha", "sigma", "ve_sigma", "t_of", "cond", "t_min", "t_max", "prior_scale")
 

@@ -2,16 +2,20 @@
 
 - `dit_reference`: facebookresearch/DiT checkpoints <-> `jaxdiff.models.DiT` params (a rename:
   the parameter tree mirrors the reference's).
+- `diffusers`: a diffusers `scheduler_config.json` as `jaxdiff.sample` arguments
+  (`from_scheduler_config`), reproducing diffusers' own sampling loop.
 - `torch_weights`: what every PyTorch conversion shares: reading a state_dict file, tensors as
   numpy, Linear/Conv weights as Flax kernels and back, nesting parameter paths into a tree.
 
 System layer (DESIGN.md): imports models and core; nothing below imports it.
 """
 
+from jaxdiff.interop.diffusers import from_scheduler_config
 from jaxdiff.interop.dit_reference import (
     dit_from_torch_state_dict,
     dit_to_torch_state_dict,
     dit_torch_key,
 )
 
-__all__ = ["dit_from_torch_state_dict", "dit_to_torch_state_dict", "dit_torch_key"]
+__all__ = ["dit_from_torch_state_dict", "dit_to_torch_state_dict", "dit_torch_key",
+           "from_scheduler_config"]

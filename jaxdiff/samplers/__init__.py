@@ -3,14 +3,32 @@
 `SAMPLERS` maps each name to its function; it is the only registry.
 """
 
-from jaxdiff.samplers import multistep, ode, single, stochastic, unipc
+from jaxdiff.samplers import (
+    ancestral,
+    dpm_solver,
+    dpm_v3,
+    interpolant,
+    learned,
+    multistep,
+    ode,
+    pndm,
+    single,
+    stochastic,
+    unipc,
+)
 
 SAMPLERS = {
     **single.SAMPLERS,
     **multistep.SAMPLERS,
     **unipc.SAMPLERS,
     **stochastic.SAMPLERS,
+    **ancestral.SAMPLERS,
+    **dpm_solver.SAMPLERS,
     **ode.SAMPLERS,
+    **interpolant.SAMPLERS,
+    **learned.SAMPLERS,
+    **dpm_v3.SAMPLERS,
+    **pndm.SAMPLERS,
 }
 
 

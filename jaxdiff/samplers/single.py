@@ -53,15 +53,30 @@ def ddim(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=Fa
     return run(step, x, sigmas, (), state, num_steps=num_steps, trajectory=trajectory)
 
 
-def euler(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=False):
+def euler(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=False,
+          s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, key=None):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D)/sigma (Karras et al. 2022,
-    Eq. 4 with sigma(t) = t; k-diffusion `sample_euler`, diffusers `EulerDiscreteScheduler`):
-    1 NFE per step.
+    Eq. 4 with sigma(t) = t, Alg. 2 with Euler steps; k-diffusion `sample_euler`, diffusers
+    `EulerDiscreteScheduler`): 1 NFE per step.
 
-    x' = x + (sigma' - sigma)(x - D)/sigma, which is exactly DDIM (eta = 0), so this runs `ddim`.
-    EDM's stochastic churn lives in `heun`."""
-    return ddim(denoiser, x, sigmas, num_steps=num_steps, trajectory=trajectory,
-                use_kernel=use_kernel)
+    x' = x + (sigma' - sigma)(x - D)/sigma, which is exactly DDIM (eta = 0), so without churn
+    this runs `ddim`. Churn (`s_churn`, `s_tmin`, `s_tmax`, `s_noise`, `key`) as in `heun`:
+    the step starts from sigma_hat = (1 + gamma) sigma after adding
+    sqrt(sigma_hat^2 - sigma^2) s_noise z (k-diffusion's `sample_euler` with s_churn)."""
+    if not _churn_gate(s_churn, key, "euler"):
+        return ddim(denoiser, x, sigmas, num_steps=num_steps, trajectory=trajectory,
+                    use_kernel=use_kernel)
+    n = num_steps_of(sigmas, num_steps)
+    denoiser, state = lift(denoiser)
+
+    def step(i, x, carry, state):
+        x, s = _churn(x, sigmas[i], i, n, key, s_churn, s_tmin, s_tmax, s_noise)
+        D, state = denoiser(x, s, state)
+        if use_kernel:
+            return _fused_ddim_step(x, [D], jnp.ones(1), s, sigmas[i + 1]), carry, state
+        return ddim_step(x, D, s, sigmas[i + 1]), carry, state
+
+    return run(step, x, sigmas, (), state, num_steps=num_steps, trajectory=trajectory)
 
 
 def dpm_solver_1(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=False):
@@ -70,13 +85,16 @@ def dpm_solver_1(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_k
                 use_kernel=use_kernel)
 
 
-def _singlestep(denoiser, state, x, sigmas, update, num_steps, trajectory):
+def _singlestep(denoiser, state, x, sigmas, update, num_steps, trajectory, churn=None):
     """Runs `update(x, x0, s, s_next, state) -> (x', state)` (x0 = D(x, s)) on steps to
     s_next > 0 and DDIM on a step to 0; the update spends its extra model calls only when it runs.
-    `denoiser` is lifted (`base.lift`), `state` its initial state."""
+    `denoiser` is lifted (`base.lift`), `state` its initial state. `churn(x, s, i) -> (x, s_hat)`
+    (EDM's churn, `_churn`), if given, first raises the step's starting level."""
 
     def step(i, x, carry, state):
         s, s_next = sigmas[i], sigmas[i + 1]
+        if churn is not None:
+            x, s = churn(x, s, i)
         x0, state = denoiser(x, s, state)
         x, state = jax.lax.cond(
             s_next > 0,
@@ -94,12 +112,17 @@ def _eps(denoiser, x, s, state):
     return (x - x0) / s, state
 
 
-def dpm_solver_2(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r1=0.5):
+def dpm_solver_2(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r1=0.5,
+                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, key=None):
     """DPM-Solver-2 (Lu et al. 2022a, Alg. 1, noise-prediction form; r1 = 1/2): 2 NFE per step.
+    With r1 = 1/2 it is k-diffusion's `sample_dpm_2` (registered as `dpm_2` too) and the update
+    of diffusers' `KDPM2DiscreteScheduler`.
 
     The stage sits at lambda_s + r1 h, i.e. sigma_1 = sigma (sigma'/sigma)^r1:
     u = x - (sigma - sigma_1) eps, x' = x - (sigma - sigma') (eps + (eps(u) - eps) / (2 r1)).
-    A step to sigma' = 0 is DPM-Solver-1 (1 NFE): NFE = 2N - 1 on a grid ending at 0."""
+    A step to sigma' = 0 is DPM-Solver-1 (1 NFE): NFE = 2N - 1 on a grid ending at 0.
+    Churn (`s_churn`, `s_tmin`, `s_tmax`, `s_noise`, `key`) as in `heun`: the step starts from
+    sigma_hat = (1 + gamma) sigma (k-diffusion's `sample_dpm_2` with s_churn)."""
     denoiser, state = lift(denoiser)
 
     def update(x, x0, s, t, state):
@@ -108,7 +131,14 @@ def dpm_solver_2(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r1=0.
         eps1, state = _eps(denoiser, x - (s - s1) * eps, s1, state)
         return x - (s - t) * (eps + (eps1 - eps) / (2.0 * r1)), state
 
-    return _singlestep(denoiser, state, x, sigmas, update, num_steps, trajectory)
+    churn = None
+    if _churn_gate(s_churn, key, "dpm_solver_2"):
+        n = num_steps_of(sigmas, num_steps)
+
+        def churn(x, s, i):
+            return _churn(x, s, i, n, key, s_churn, s_tmin, s_tmax, s_noise)
+
+    return _singlestep(denoiser, state, x, sigmas, update, num_steps, trajectory, churn)
 
 
 def dpm_solver_3(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r1=1 / 3, r2=2 / 3):
@@ -157,19 +187,20 @@ def dpmpp_2s(denoiser, x, sigmas, *, num_steps=None, trajectory=False, r=0.5, us
     return _singlestep(denoiser, state, x, sigmas, update, num_steps, trajectory)
 
 
-def _churn_gate(s_churn, key):
+def _churn_gate(s_churn, key, name="heun"):
     """Whether churn noise is drawn; churn needs a PRNG key."""
     if key is None:
         if isinstance(s_churn, jax.core.Tracer) or s_churn != 0:
             raise ValueError(
-                "heun with s_churn != 0 is stochastic: pass key=jax.random.key(...)"
+                f"{name} with s_churn != 0 is stochastic: pass key=jax.random.key(...)"
             )
         return False
     return isinstance(s_churn, jax.core.Tracer) or s_churn != 0
 
 
 def _churn(x, s, i, n, key, s_churn, s_tmin, s_tmax, s_noise):
-    """EDM Alg. 2, lines 4-6: raise the noise level to sigma_hat = (1 + gamma) sigma."""
+    """EDM Alg. 2, lines 4-6: raise the noise level to sigma_hat = (1 + gamma) sigma
+    (N = n steps taken; z from `step_key(key, i)`). Shared by `heun`, `euler`, `dpm_solver_2`."""
     gamma = jnp.minimum(s_churn / n, math.sqrt(2.0) - 1.0)
     gamma = jnp.where((s >= s_tmin) & (s <= s_tmax), gamma, 0.0).astype(x.dtype)
     z = jax.random.normal(step_key(key, i), x.shape, x.dtype)
@@ -318,6 +349,7 @@ SAMPLERS = {
     "heun": heun,
     "dpm_solver_1": dpm_solver_1,
     "dpm_solver_2": dpm_solver_2,
+    "dpm_2": dpm_solver_2,
     "dpm_solver_3": dpm_solver_3,
     "dpmpp_2s": dpmpp_2s,
     "dpmpp_singlestep": dpmpp_singlestep,
