@@ -95,6 +95,7 @@ def test_objective_reads_frozen_and_reports_scalar_aux():
         first = float(metrics["loss"]) if first is None else first
     assert float(metrics["loss"]) < 0.5 * first  # the student moves towards the teacher
     assert set(metrics) == {"loss", "grad_norm", "lr", "teacher_norm"}
-    # with the student as its own teacher the loss is exactly 0
+    # with the student as its own teacher the loss is 0 (to rounding: XLA may compile the
+    # student's and the teacher's forward passes differently, e.g. with fast compiles)
     _, same = step(state, batch, state.params)
-    assert float(same["loss"]) == 0.0
+    assert float(same["loss"]) < 1e-12 * first
