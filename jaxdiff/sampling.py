@@ -92,6 +92,10 @@ def sample(
     if unknown:
         allowed = [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY and p != "key"]
         raise ValueError(f"sampler {sampler!r} has no option {unknown[0]!r}; allowed: {allowed}")
+    if sampler_options.get("return_info"):  # sample() returns the sample (and trajectory) only
+        raise ValueError(f"return_info={sampler_options['return_info']!r} works only when "
+                         f"{sampler!r} is called directly; allowed here: False (count model "
+                         "calls with a jaxdiff.Stateful denoiser)")
     if "key" in params and params["key"].default is inspect.Parameter.empty and key is None:
         raise ValueError(f"sampler {sampler!r} is stochastic and needs key=jax.random.key(...)")
     time = _time(sampler, params, process, time)

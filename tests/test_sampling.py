@@ -120,6 +120,8 @@ def test_vmap_over_sample_entry_components():
 
 BAD = [
     (dict(sampler="dpm_turbo"), "sampler='dpm_turbo' is unknown; allowed:"),
+    (dict(sampler="dpm_adaptive", return_info=True),
+     "return_info=True works only when 'dpm_adaptive' is called directly"),
     (dict(schedule="cosine"), "schedule='cosine' is unknown; allowed:"),
     (dict(steps=0), "steps=0 must be an integer >= 1"),
     (dict(steps=20, capacity=10), "steps=20 exceeds capacity=10"),
