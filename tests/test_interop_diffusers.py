@@ -212,6 +212,46 @@ def test_parity_dpmsolver_lower_order_final_rule(steps):
     assert err <= 1e-5, err
 
 
+
+@pytest.mark.parametrize("name,spacing,steps,opts", [
+    ("DDIMScheduler", "linspace", 7, {}),
+    ("DDIMScheduler", "trailing", 7, dict(set_alpha_to_one=False, prediction_type="sample")),
+    ("DDIMScheduler", "linspace", 30, dict(set_alpha_to_one=False, prediction_type="v_prediction")),
+    ("DDIMScheduler", "trailing", 30, {}),
+    ("DDIMScheduler", "leading", 7, dict(steps_offset=1)),
+    ("DDPMScheduler", "linspace", 7, {}),
+], ids=lambda v: v.replace("Scheduler", "") if isinstance(v, str) else None)
+def test_parity_steps_that_do_not_divide_num_train_timesteps(name, spacing, steps, opts):
+    """DDIM steps from t to t - T // n, not to the next listed timestep when n does not divide
+    T (linspace, trailing): ddim's `targets` (without them the 7-step linspace sample is 14%
+    off). Leading spacing lands on the next timestep; DDPM always steps to it."""
+    cfg = dict(_class_name=name, timestep_spacing=spacing, clip_sample=False, **SD, **opts)
+    s = from_scheduler_config(cfg, steps)
+    assert ("targets" in s.options) == (name == "DDIMScheduler" and spacing != "leading")
+    err = parity(cfg, steps)
+    assert err <= 1e-5, err
+
+
+def test_ddim_targets_option():
+    """targets = sigmas[1:] is the plain step; under jit the targets are data; a short or
+    negative list is refused."""
+    ddim = SAMPLERS["ddim"]
+    D = lambda x, s: x / (1.0 + s**2)  # noqa: E731
+    grid = jnp.array([10.0, 3.0, 1.0, 0.2, 0.0])
+    x = jnp.linspace(-1.0, 1.0, 4)
+    np.testing.assert_allclose(ddim(D, x, grid, targets=grid[1:]), ddim(D, x, grid), rtol=1e-6)
+    tau = jnp.array([4.0, 1.5, 0.3, 0.0])
+    ref = x
+    for i in range(4):
+        s, s1, t = grid[i], grid[i + 1], tau[i]
+        ref = jnp.sqrt((1 + s1**2) / (1 + t**2)) * (D(ref, s) + t / s * (ref - D(ref, s)))
+    out = jax.jit(lambda t, n: ddim(D, x, grid, targets=t, num_steps=n))(tau, 4)
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    with pytest.raises(ValueError, match="one noise level per step"):
+        ddim(D, x, grid, targets=tau[:3])
+    with pytest.raises(ValueError, match="targets\\[1\\]=-1"):
+        ddim(D, x, grid, targets=(4.0, -1.0, 0.3, 0.0))
+
 # --- model repos' scheduler_config.json ----------------------------------------------------------
 
 SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
@@ -266,8 +306,8 @@ def test_sdxl_starts_from_sqrt_sigma_max_squared_plus_one_and_sd3_from_the_noise
     ({"_class_name": "EulerDiscreteScheduler", "rescale_betas_zero_snr": True}, 8,
      "rescale_betas_zero_snr"),
     ({"_class_name": "DDIMScheduler"}, 8, "clip_sample=True"),
-    ({"_class_name": "DDIMScheduler", "clip_sample": False, "timestep_spacing": "linspace"}, 8,
-     "steps to t - 125"),
+    ({"_class_name": "PNDMScheduler", "skip_prk_steps": True, "timestep_spacing": "linspace"},
+     8, "steps to t - 125"),
     ({"_class_name": "PNDMScheduler"}, 8, "skip_prk_steps=False is not supported"),
     ({"_class_name": "PNDMScheduler", "skip_prk_steps": True, "prediction_type": "v_prediction"},
      8, "prediction_type='v_prediction' is not supported; supported: 'epsilon'"),
@@ -282,6 +322,22 @@ def test_unsupported_options_raise_one_line_errors(config, steps, match):
         from_scheduler_config(config, steps)
     assert "\n" not in str(info.value)
 
+
+def test_check_model_names_both_processes():
+    """`check_model`: the network's process and prediction must be the config's (the CLI's
+    --scheduler_config check)."""
+    s = from_scheduler_config(dict(_class_name="DDIMScheduler", clip_sample=False, **SD), 8)
+    s.check_model(DiscreteVP.scaled_linear(), "eps")  # float64 betas: the same to 1e-4
+    for process, prediction, match in [
+        (DiscreteVP.linear(), "eps", "DDIMScheduler implies the process DiscreteVP\\("
+         "num_train_timesteps=1000, alphas_cumprod\\[-1\\]=0.00466.*, but the model was trained "
+         "with DiscreteVP\\(num_train_timesteps=1000, alphas_cumprod\\[-1\\]=4.03"),
+        (DiscreteVP.scaled_linear(num_train_timesteps=500), "eps", "num_train_timesteps=500"),
+        (DiscreteVP.scaled_linear(), "v", "implies prediction='eps', but the model predicts 'v'"),
+    ]:
+        with pytest.raises(ValueError, match=match) as info:
+            s.check_model(process, prediction)
+        assert "\n" not in str(info.value)
 
 def test_exported_from_interop():
     import jaxdiff.interop as interop

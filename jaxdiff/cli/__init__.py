@@ -3,6 +3,7 @@
     jaxdiff train  --config configs/digits.py --workdir runs/digits [--config.optim.lr=1e-3]
     jaxdiff sample --workdir runs/digits --sampler dpmpp_2m --steps 20 --num 64 --seed 0
                    [--class 3 --guidance 2.0] --out grid.png
+                   [--sampler_file solver.json | --scheduler_config scheduler_config.json]
     jaxdiff eval   --workdir runs/digits --metrics fd,pr,nll --sampler heun --steps 18
                    --num 1000 [--features inception --inception_weights pt_inception.pth]
                    [--out report.json]
@@ -187,9 +188,26 @@ def _sample(run):
     num = NUM["sample"] if FLAGS.num is None else FLAGS.num
     check_memory("--num", num, config, "the samples")
     steps = None if FLAGS.steps is None else parse_steps(FLAGS.steps, many=False)
+    scheduler = None if FLAGS.scheduler_config is None else _scheduler_config()
     run.sample(config, FLAGS.workdir, out=out_path("sample"), num=num, seed=FLAGS.seed,
                sampler=FLAGS.sampler, steps=steps, label=FLAGS["class"].value,
-               guidance=FLAGS.guidance, sampler_file=FLAGS.sampler_file)
+               guidance=FLAGS.guidance, sampler_file=FLAGS.sampler_file,
+               scheduler_config=scheduler)
+
+
+def _scheduler_config():
+    """--scheduler_config's JSON object (a diffusers scheduler_config.json)."""
+    path = FLAGS.scheduler_config
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--scheduler_config={path} is not valid JSON ({first_line(e)}); "
+                         "expected a diffusers scheduler_config.json") from None
+    if not isinstance(config, dict) or "_class_name" not in config:
+        raise ValueError(f"--scheduler_config={path} has no _class_name; expected a diffusers "
+                         "scheduler_config.json")
+    return config
 
 
 def _run_config(command):

@@ -12,7 +12,8 @@ import numpy as np
 import jaxdiff
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build, validate
-from jaxdiff.core.guidance import CFG
+from jaxdiff.cli.flags import first_line
+from jaxdiff.core.guidance import CFG, Chain
 from jaxdiff.eval import images, quality
 from jaxdiff.train import parallel, rundir
 from jaxdiff.train.checkpoint import Checkpointer, CheckpointError
@@ -104,7 +105,7 @@ def _check_resume(config, workdir, model, tx, info):
 
 
 def draw(config, model, process, params, *, num, seed, sampler=None, steps=None, label=None,
-         guidance=None, mesh=None, sampler_file=None):
+         guidance=None, mesh=None, sampler_file=None, scheduler=None):
     """num samples from `params`, data-parallel over `mesh` (default: every device on "data");
     class-conditional models get labels 0..K-1 cycled (or `label`) with classifier-free
     guidance at `guidance` (default: the config's).
@@ -113,7 +114,10 @@ def draw(config, model, process, params, *, num, seed, sampler=None, steps=None,
     Sample i starts from the noise normal(fold_in(key(seed), i)); a stochastic sampler gets the
     one key key(seed + 1), and JAX's partitionable threefry (the default) makes its draws of
     shape (N, ...) independent of how they are sharded and row i independent of N. So sample i
-    is the same for any device count or `num` > i, up to float reassociation."""
+    is the same for any device count or `num` > i, up to float reassociation.
+
+    `scheduler`: a `jaxdiff.interop.diffusers.DiffusersSampling` (`scheduler_sampling`), whose
+    process, sampler, options and grid replace the config's (its clipping after the CFG)."""
     s = config.sampler
     mesh = parallel.make_mesh() if mesh is None else mesh
     padded = parallel.padded_size(num, mesh)
@@ -125,6 +129,11 @@ def draw(config, model, process, params, *, num, seed, sampler=None, steps=None,
                **dict(s.options))
     if sampler_file is not None:  # a learned solver: its file holds grid, steps and coefficients
         run = dict(sampler="learned", steps=steps, sampler_file=sampler_file)
+    if scheduler is not None:  # a diffusers scheduler (process and prediction: the run's)
+        run = scheduler.sample_kwargs()
+        process, _, clip = run.pop("process"), run.pop("prediction"), run.pop("guidance", None)
+        if clip is not None:  # clip_sample / thresholding, after the CFG
+            guide = clip if guide is None else Chain((guide, clip))
     with parallel.tracing_on(mesh):
         x = jaxdiff.sample(net, noise, process=process, prediction=config.loss.prediction,
                            key=jax.random.key(seed + 1), guidance=guide, **run)
@@ -162,8 +171,21 @@ def restore(config, workdir, mesh):
     return model, process, state.ema_params[0], int(state.step)
 
 
+def scheduler_sampling(config, scheduler_config, steps=None):
+    """`from_scheduler_config(scheduler_config, steps or the config's)`, refused (one line)
+    unless the run's process and prediction are the ones the scheduler config implies."""
+    from jaxdiff.interop.diffusers import from_scheduler_config
+
+    try:
+        s = from_scheduler_config(scheduler_config, steps or config.sampler.steps)
+        s.check_model(build.process(config), config.loss.prediction)
+    except ValueError as e:
+        raise ValueError(f"--scheduler_config: {first_line(e)}") from None
+    return s
+
+
 def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=None,
-           guidance=None, sampler_file=None):
+           guidance=None, sampler_file=None, scheduler_config=None):
     """Loads the EMA params of the latest checkpoint and writes `out` (PNG) and `.npz`;
     sampling is data-parallel over every device (see `draw`).
 
@@ -171,12 +193,18 @@ def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=N
     has K columns, one per class, as the training-time grids: sample i is in row i // K, column
     i % K. When `num` is not a multiple of K the last row is only partly filled (the rest of it
     stays blank); `num` samples are drawn and saved, never more. With `label`, and for
-    unconditional models, the grid is as square as `num` allows."""
+    unconditional models, the grid is as square as `num` allows.
+
+    `scheduler_config` (a diffusers scheduler_config.json as a dict or path): sample with what
+    `jaxdiff.interop.diffusers.from_scheduler_config(scheduler_config, steps)` gives, checked
+    against the run's process and prediction before the checkpoint is read."""
+    scheduler = (None if scheduler_config is None
+                 else scheduler_sampling(config, scheduler_config, steps))
     mesh = parallel.make_mesh()
     model, process, params, step = restore(config, workdir, mesh)
     x, labels = draw(config, model, process, params, num=num, seed=seed,
                      sampler=sampler, steps=steps, label=label, guidance=guidance, mesh=mesh,
-                     sampler_file=sampler_file)
+                     sampler_file=sampler_file, scheduler=scheduler)
     _save_samples(out, x, cols=(classes(config) or None) if label is None else None)
     if jax.process_index() == 0:
         np.savez(os.path.splitext(out)[0] + ".npz", samples=x,

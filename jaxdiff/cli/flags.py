@@ -20,6 +20,9 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", l
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
 flags.DEFINE_string("sampler", None, "sample/eval: sampler name (default: the config's).")
 flags.DEFINE_string("sampler_file", None, "sample: a learned solver file (jaxdiff tune-sampler).")
+flags.DEFINE_string("scheduler_config", None, "sample: a diffusers scheduler_config.json: its "
+                    "sampler, noise-level grid and initial-noise scale, for --steps steps "
+                    "(jaxdiff.interop.diffusers).")
 flags.DEFINE_string("steps", None, "sample/eval: number of sampler steps (default: the "
                     "config's); eval sweep: a list, e.g. 5,10,20,50.")
 flags.DEFINE_integer("num", None, f"sample: number of samples (default {NUM['sample']}); eval: "
@@ -197,6 +200,8 @@ def check_flags(command):
     """The flags' formats and the paths to write, before anything heavy is imported."""
     if command != "train" and command != "plot":
         _check_sampling_flags(command)
+    if FLAGS.scheduler_config is not None:
+        _check_scheduler_config(command)
     if command.startswith("eval"):
         _check_eval_flags(command)
     _check_paths(command)
@@ -210,6 +215,23 @@ def _check_sampling_flags(command):
         raise ValueError(f"--seed={FLAGS.seed} must be an integer in [0, 2**63 - 1)")
     if FLAGS.steps is not None:
         parse_steps(FLAGS.steps, many=command == "eval sweep")
+
+
+def _check_scheduler_config(command):
+    """--scheduler_config: a file, for sample, which it gives the sampler (no --sampler or
+    --sampler_file besides)."""
+    path = FLAGS.scheduler_config
+    if command != "sample":
+        raise ValueError(f"--scheduler_config={path}: it is a flag of jaxdiff sample, not of "
+                         f"jaxdiff {command}")
+    for other in ("sampler_file", "sampler"):
+        if FLAGS[other].value is not None:
+            raise ValueError(f"--scheduler_config={path} and --{other}={FLAGS[other].value} "
+                             "both choose the sampler; give one of them")
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "no such file"
+        raise ValueError(f"--scheduler_config={path}: {what}; expected a diffusers "
+                         "scheduler_config.json")
 
 
 def _check_eval_flags(command):

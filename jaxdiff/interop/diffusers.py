@@ -15,8 +15,13 @@ same samples as diffusers' own loop with the same network and the same noise ten
   sigmas, with its timestep spacings (DDIM-style and multistep-style "linspace"/"leading" differ:
   the multistep schedulers space n + 1 points and drop the last), `steps_offset`, Karras /
   exponential / beta sigmas and the final level (`final_sigmas_type`, `set_alpha_to_one`);
+  DDIM's steps from t to t - T // n, off the listed timesteps for linspace (or trailing when n
+  does not divide T), as `ddim`'s per-step `targets`;
 - a guidance transform for `clip_sample` / `thresholding` (`ClipX0`, `DynamicThreshold`); chain
   your own guidance before it with `jaxdiff.core.guidance.Chain((cfg, s.guidance))`.
+
+`s.check_model(process, prediction)` refuses a network trained with another process or
+prediction (`jaxdiff sample --scheduler_config`).
 
 Sigma-based schedulers (Euler, Heun, LMS, KDPM2...) return the VE-view state x/alpha; jaxdiff
 returns alpha x at a final level sigma > 0 (`final_sigmas_type="sigma_min"`): multiply by
@@ -138,6 +143,48 @@ class DiffusersSampling:
         if self.guidance is not None:
             kw["guidance"] = self.guidance
         return kw
+
+    def check_model(self, process, prediction):
+        """Refuses, with a one-line ValueError naming both, a network trained with another
+        process or prediction than this config's: the process type must match and, for
+        DiscreteVP, alphas_cumprod (the betas and num_train_timesteps, to float32 rounding),
+        for EDM sigma_data, for flow matching the time scale (num_train_timesteps)."""
+        if not _same_process(self.process.base, process):
+            want, got = _describe(self.process.base), _describe(process)
+            got = got if got != want else f"{got} with other betas"
+            raise ValueError(f"{self.scheduler} implies the process {want}, but the model was "
+                             f"trained with {got}; supported: a config of the model's process")
+        if prediction != self.prediction:
+            raise ValueError(f"{self.scheduler} implies prediction={self.prediction!r}, but the "
+                             f"model predicts {prediction!r}; supported: a config of the model's "
+                             "prediction")
+
+
+def _describe(process):
+    name = type(process).__name__
+    if isinstance(process, DiscreteVP):
+        abar = np.asarray(process.alphas_cumprod, np.float64)
+        return (f"DiscreteVP(num_train_timesteps={len(abar)}, alphas_cumprod[-1]="
+                f"{abar[-1]:.6g})")
+    if isinstance(process, EDM):
+        return f"EDM(sigma_data={float(process.sigma_data):g})"
+    if isinstance(process, RectifiedFlow):
+        return f"RectifiedFlow(time_scale={float(process.time_scale):g})"
+    return name
+
+
+def _same_process(a, b):
+    """The same process as far as the network is concerned (`check_model`)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, DiscreteVP):
+        x, y = (np.asarray(p.alphas_cumprod, np.float64) for p in (a, b))
+        return x.shape == y.shape and np.allclose(x, y, rtol=1e-4, atol=0)
+    if isinstance(a, EDM):
+        return math.isclose(float(a.sigma_data), float(b.sigma_data), rel_tol=1e-6)
+    if isinstance(a, RectifiedFlow):
+        return math.isclose(float(a.time_scale), float(b.time_scale), rel_tol=1e-6)
+    return False
 
 
 # --- config reading ------------------------------------------------------------------------------
@@ -447,17 +494,31 @@ def _ddim_family(cfg, n, sampler, final, options=None, stochastic=False):
 
 
 def _ddim(cfg, n):
-    _step_targets(cfg, n)
     if cfg["clip_sample"] or cfg["thresholding"]:
         raise ValueError(f"{cfg.name} clip_sample={cfg['clip_sample']}, thresholding="
                          f"{cfg['thresholding']} is not supported (diffusers' DDIM keeps the "
                          "unclipped noise prediction); supported: clip_sample=False, "
                          "thresholding=False")
     final = "zero" if cfg["set_alpha_to_one"] else "sigma_min"
-    return _ddim_family(cfg, n, "ddim", final)
+    missed = _step_targets(cfg, n)
+    if missed is None:
+        return _ddim_family(cfg, n, "ddim", final)
+    # each step to its own target level (ddim's `targets`); the grid ends at the last target
+    ts, prev = missed
+    abar = alphas_cumprod(cfg)
+    train = np.sqrt((1 - abar) / abar)
+    last = 0.0 if final == "zero" else float(train[0])  # diffusers' final_alpha_cumprod
+    targets = np.where(prev >= 0, train[np.maximum(prev, 0)], last)
+    grid = np.append(train[ts], targets[-1])
+    if grid[-1] == grid[-2]:  # from timestep 0 to abar[0]: an exact no-op, dropped
+        grid, targets = grid[:-1], targets[:-1]
+    targets = tuple(float(v) for v in np.asarray(targets, np.float32))
+    return _discrete(cfg, "ddim", _check_grid(cfg, grid), DiscreteVP(alphas_cumprod=abar),
+                     options={"targets": targets})
 
 
 def _ddpm(cfg, n):
+    # diffusers' DDPM steps to the next listed timestep (`previous_timestep`) for every spacing
     cfg.allow("variance_type", "fixed_small")
     return _ddim_family(cfg, n, "ddpm", "zero", stochastic=True)
 
@@ -467,21 +528,28 @@ def _pndm(cfg, n):
     # timestep (its Heun start with the other step's sample): another method than PLMS on eps
     cfg.allow("prediction_type", "epsilon")
     cfg.allow("skip_prk_steps", True)
-    _step_targets(cfg, n)
+    if _step_targets(cfg, n) is not None:
+        # its first (Heun) step also starts from a level t' + T // n that is not listed: plms
+        # has no targets option
+        T, spacing = int(cfg["num_train_timesteps"]), cfg["timestep_spacing"]
+        raise ValueError(f"{cfg.name} timestep_spacing={spacing!r} with {n} steps steps to "
+                         f"t - {T // n}, not to the next timestep; supported: 'leading', or "
+                         f"'trailing' with steps dividing num_train_timesteps={T}")
     final = "zero" if cfg["set_alpha_to_one"] else "sigma_min"
     return _ddim_family(cfg, n, "plms", final)
 
 
 def _step_targets(cfg, n):
-    """DDIM and PNDM step from timestep t to t - T // n, which is the next timestep of the list
-    only for leading spacing, or trailing when n divides T."""
+    """DDIM and PNDM step from timestep t to t - T // n (diffusers' `prev_timestep`; below 0:
+    the final level), which is the next listed timestep only for leading spacing, or trailing
+    when n divides T: None then, else (the listed timesteps, their targets), as integers."""
     T = int(cfg["num_train_timesteps"])
     spacing = cfg.allow("timestep_spacing", "linspace", "leading", "trailing")
-    ts = spaced_timesteps(T, n, spacing, cfg["steps_offset"])
-    if n > 1 and np.any(ts[:-1] - T // n != ts[1:]):
-        raise ValueError(f"{cfg.name} timestep_spacing={spacing!r} with {n} steps steps to "
-                         f"t - {T // n}, not to the next timestep; supported: 'leading', or "
-                         f"'trailing' with steps dividing num_train_timesteps={T}")
+    ts = spaced_timesteps(T, n, spacing, cfg["steps_offset"]).astype(np.int64)
+    prev = ts - T // n
+    if n == 1 or np.all(prev[:-1] == ts[1:]):
+        return None
+    return ts, prev
 
 
 def _sigma_based(cfg, n, sampler, options=None, *, karras_round=False, final="zero",

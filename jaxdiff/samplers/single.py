@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.core.denoiser import ddim_step
 from jaxdiff.samplers.base import lift, num_steps_of, run, step_key
@@ -36,21 +37,56 @@ def _positive(s_next, s):
     return jnp.where(s_next > 0, s_next, 0.5 * s)
 
 
-def ddim(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=False):
+def ddim(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=False,
+         targets=None):
     """DDIM with eta = 0 (Song et al. 2021, Eq. 12), i.e. Euler in the VE view: 1 NFE per step.
 
     x' = D + (sigma'/sigma) (x - D); `use_kernel`: as the fused kernel
-    `jaxdiff.kernels.solver_step`."""
+    `jaxdiff.kernels.solver_step`.
+
+    `targets` (variance-preserving processes; diffusers' `DDIMScheduler`, whose step from
+    timestep t goes to t - T // n, which is not the next listed timestep when n does not divide
+    T): step i goes from sigmas[i] to its own level targets[i], and the state alpha x reached
+    there (alpha = 1/sqrt(1 + sigma^2)) is read as the state at sigmas[i + 1]: with s = sigmas[i],
+    s' = sigmas[i + 1], tau = targets[i],
+      x' = sqrt((1 + s'^2) / (1 + tau^2)) (D + (tau/s) (x - D)),
+    and tau = s' is the plain step. One level per step (at least num_steps); an
+    array, or through `jaxdiff.sample` a tuple of floats (a static option: other targets compile
+    another program)."""
     denoiser, state = lift(denoiser)
+    if targets is not None:
+        targets = _check_targets(targets, sigmas, num_steps)
 
     def step(i, x, carry, state):
         s, s_next = sigmas[i], sigmas[i + 1]
         D, state = denoiser(x, s, state)
+        if targets is None:
+            if use_kernel:
+                return _fused_ddim_step(x, [D], jnp.ones(1), s, s_next), carry, state
+            return ddim_step(x, D, s, s_next), carry, state
+        t = targets[i]
+        c = jnp.sqrt((1.0 + jnp.square(s_next)) / (1.0 + jnp.square(t)))
         if use_kernel:
-            return _fused_ddim_step(x, [D], jnp.ones(1), s, s_next), carry, state
-        return ddim_step(x, D, s, s_next), carry, state
+            rho = t / s
+            return fused_step(c * rho, x, (c * (1.0 - rho))[None], [D]), carry, state
+        return (c * ddim_step(x, D, s, t)).astype(x.dtype), carry, state
 
     return run(step, x, sigmas, (), state, num_steps=num_steps, trajectory=trajectory)
+
+
+def _check_targets(targets, sigmas, num_steps):
+    """`ddim`'s targets as an array of the grid's dtype; refused when not 1-D, shorter than the
+    step count, or (when known) not finite and >= 0."""
+    if not isinstance(targets, jax.core.Tracer):
+        t = np.asarray(targets, np.float64)
+        n = num_steps_of(sigmas, num_steps)
+        if t.ndim != 1 or (isinstance(n, (int, np.integer)) and t.shape[0] < n):
+            raise ValueError(f"targets must be a 1-D sequence of one noise level per step "
+                             f"({n}), got shape {t.shape}")
+        if not np.all(np.isfinite(t) & (t >= 0)):
+            k = int(np.argmax(~(np.isfinite(t) & (t >= 0))))
+            raise ValueError(f"targets must be finite and >= 0, got targets[{k}]={t[k]:g}")
+    return jnp.asarray(targets, sigmas.dtype)
 
 
 def euler(denoiser, x, sigmas, *, num_steps=None, trajectory=False, use_kernel=False,
