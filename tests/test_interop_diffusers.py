@@ -252,6 +252,61 @@ def test_ddim_targets_option():
     with pytest.raises(ValueError, match="targets\\[1\\]=-1"):
         ddim(D, x, grid, targets=(4.0, -1.0, 0.3, 0.0))
 
+
+@pytest.mark.parametrize("spacing,steps,opts,heun_source", [
+    ("linspace", 7, {}, True),
+    ("trailing", 7, {}, True),
+    ("linspace", 30, {}, True),
+    ("trailing", 30, dict(set_alpha_to_one=True), False),  # t_1 + T // n = t_0 here
+    ("linspace", 2, {}, True),  # ends with the no-op from timestep 0 to abar[0], kept
+    ("leading", 2, {}, False),  # the same: refused as a zero-length step before
+    ("leading", 7, dict(steps_offset=1), None),  # lands on the next timestep: plain plms
+])
+def test_parity_pndm_steps_that_do_not_divide_num_train_timesteps(spacing, steps, opts,
+                                                                  heun_source):
+    """PNDM (PLMS) steps from t to t - T // n like DDIM, and its Heun start combines its two
+    slopes in a step from t_1 + T // n to t_1 from the initial sample: plms' `targets` and
+    `heun_source` (without them the 7-step linspace sample is 7.5% off, without heun_source
+    alone 6e-4)."""
+    cfg = dict(_class_name="PNDMScheduler", skip_prk_steps=True, timestep_spacing=spacing,
+               **SD, **opts)
+    s = from_scheduler_config(cfg, steps)
+    assert ("targets" in s.options) == (heun_source is not None)
+    if heun_source is not None:
+        assert (s.options["heun_source"] != s.grid[0]) == heun_source
+    err = parity(cfg, steps)
+    assert err <= 1e-5, err
+
+
+def test_plms_targets_option():
+    """targets = sigmas[1:] and heun_source = sigmas[0] are plain plms; otherwise a hand-written
+    reference (under jit, with the targets as data); a short list or a level <= 0 is refused."""
+    plms = SAMPLERS["plms"]
+    D = lambda x, s: x / (1.0 + s**2) + 0.1 * jnp.sin(x)  # noqa: E731
+    grid = jnp.array([10.0, 3.0, 1.0, 0.5, 0.2, 0.1, 0.0])
+    x = jnp.linspace(-1.0, 1.0, 4)
+    plain = plms(D, x, grid)
+    np.testing.assert_allclose(plms(D, x, grid, targets=grid[1:], heun_source=10.0), plain,
+                               rtol=1e-6)
+    tau, r = jnp.array([4.0, 1.5, 0.6, 0.3, 0.09, 0.0]), 2.5
+    e = lambda x, s: (x - D(x, s)) / s  # noqa: E731
+    c = lambda s1, t: jnp.sqrt((1 + s1**2) / (1 + t**2))  # noqa: E731
+    e0 = e(x, grid[0])
+    e1 = e(c(grid[1], tau[0]) * (x + (tau[0] - grid[0]) * e0), grid[1])
+    ref, hist = c(r, grid[0]) * x + (grid[1] - r) * 0.5 * (e0 + e1), [e0]
+    w = [[1.0], [3 / 2, -1 / 2], [23 / 12, -16 / 12, 5 / 12], [55 / 24, -59 / 24, 37 / 24, -9 / 24]]
+    for i in range(1, 6):
+        hist = [e(ref, grid[i])] + hist[:3]
+        d = sum(wj * h for wj, h in zip(w[min(i, 3)], hist))
+        ref = c(grid[i + 1], tau[i]) * (ref + (tau[i] - grid[i]) * d)
+    out = jax.jit(lambda t, r: plms(D, x, grid, targets=t, heun_source=r))(tau, r)
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="one noise level per step"):
+        plms(D, x, grid, targets=tau[:3])
+    with pytest.raises(ValueError, match="heun_source must be"):
+        plms(D, x, grid, targets=tau, heun_source=0.0)
+
+
 # --- model repos' scheduler_config.json ----------------------------------------------------------
 
 SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
@@ -306,8 +361,6 @@ def test_sdxl_starts_from_sqrt_sigma_max_squared_plus_one_and_sd3_from_the_noise
     ({"_class_name": "EulerDiscreteScheduler", "rescale_betas_zero_snr": True}, 8,
      "rescale_betas_zero_snr"),
     ({"_class_name": "DDIMScheduler"}, 8, "clip_sample=True"),
-    ({"_class_name": "PNDMScheduler", "skip_prk_steps": True, "timestep_spacing": "linspace"},
-     8, "steps to t - 125"),
     ({"_class_name": "PNDMScheduler"}, 8, "skip_prk_steps=False is not supported"),
     ({"_class_name": "PNDMScheduler", "skip_prk_steps": True, "prediction_type": "v_prediction"},
      8, "prediction_type='v_prediction' is not supported; supported: 'epsilon'"),

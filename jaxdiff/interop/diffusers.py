@@ -15,8 +15,9 @@ same samples as diffusers' own loop with the same network and the same noise ten
   sigmas, with its timestep spacings (DDIM-style and multistep-style "linspace"/"leading" differ:
   the multistep schedulers space n + 1 points and drop the last), `steps_offset`, Karras /
   exponential / beta sigmas and the final level (`final_sigmas_type`, `set_alpha_to_one`);
-  DDIM's steps from t to t - T // n, off the listed timesteps for linspace (or trailing when n
-  does not divide T), as `ddim`'s per-step `targets`;
+  DDIM's and PNDM's steps from t to t - T // n, off the listed timesteps for linspace (or
+  trailing when n does not divide T), as `ddim`'s and `plms`' per-step `targets` (and `plms`'
+  `heun_source`, where diffusers' Heun start reads its initial sample);
 - a guidance transform for `clip_sample` / `thresholding` (`ClipX0`, `DynamicThreshold`); chain
   your own guidance before it with `jaxdiff.core.guidance.Chain((cfg, s.guidance))`.
 
@@ -528,15 +529,35 @@ def _pndm(cfg, n):
     # timestep (its Heun start with the other step's sample): another method than PLMS on eps
     cfg.allow("prediction_type", "epsilon")
     cfg.allow("skip_prk_steps", True)
-    if _step_targets(cfg, n) is not None:
-        # its first (Heun) step also starts from a level t' + T // n that is not listed: plms
-        # has no targets option
-        T, spacing = int(cfg["num_train_timesteps"]), cfg["timestep_spacing"]
-        raise ValueError(f"{cfg.name} timestep_spacing={spacing!r} with {n} steps steps to "
-                         f"t - {T // n}, not to the next timestep; supported: 'leading', or "
-                         f"'trailing' with steps dividing num_train_timesteps={T}")
     final = "zero" if cfg["set_alpha_to_one"] else "sigma_min"
-    return _ddim_family(cfg, n, "plms", final)
+    T = int(cfg["num_train_timesteps"])
+    missed = _step_targets(cfg, n)
+    if missed is None:
+        ts = spaced_timesteps(T, n, cfg["timestep_spacing"], cfg["steps_offset"]).astype(np.int64)
+        # n <= 2 ending with the no-op from timestep 0 to abar[0]: kept as a target (below)
+        if n > 2 or final == "zero" or ts[-1] != 0:
+            return _ddim_family(cfg, n, "plms", final)
+        missed = ts, ts - T // n
+    # as DDIM, each step to its own target level (plms' `targets`; for the Heun start the target
+    # of its Euler point); the Heun start's combined step goes from t_1 + T // n to t_1, reading
+    # the initial sample there (`heun_source`): diffusers' counter-1 step of `step_plms`
+    ts, prev = missed
+    abar = alphas_cumprod(cfg)
+    train = np.sqrt((1 - abar) / abar)
+    src = int(ts[1]) + T // n if n > 1 else None  # <= T - 1 for linspace and trailing
+    last = 0.0 if final == "zero" else float(train[0])  # diffusers' final_alpha_cumprod
+    targets = np.where(prev >= 0, train[np.maximum(prev, 0)], last)
+    grid = np.append(train[ts], targets[-1])
+    if grid[-1] == grid[-2]:  # from timestep 0 to abar[0]: an exact no-op
+        if n > 2:
+            grid, targets = grid[:-1], targets[:-1]  # dropped
+        else:  # kept (of 2 steps the first stays Heun); any lower end reads the same state
+            grid[-1] = 0.0
+    options = {"targets": tuple(float(v) for v in np.asarray(targets, np.float32))}
+    if src is not None:
+        options["heun_source"] = float(np.float32(train[src]))
+    return _discrete(cfg, "plms", _check_grid(cfg, grid), DiscreteVP(alphas_cumprod=abar),
+                     options=options)
 
 
 def _step_targets(cfg, n):
