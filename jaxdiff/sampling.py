@@ -119,7 +119,8 @@ def sample(
 
 
 def _solver_file(sampler, sampler_file, process, schedule, steps, capacity, options):
-    """(grid, steps, coefficients padded to the capacity) of a learned solver file."""
+    """(grid, steps, {"coefficients", "corrector" if any}: padded to the capacity) of a
+    learned solver file."""
     from jaxdiff.core.solver_fit import check_solver_process, load_solver
 
     if sampler != "learned":
@@ -127,9 +128,10 @@ def _solver_file(sampler, sampler_file, process, schedule, steps, capacity, opti
     if sampler_file is None:
         raise ValueError("sampler='learned' needs sampler_file=PATH (or its dict), e.g. from "
                          "`jaxdiff tune-sampler`")
-    if "coefficients" in options:
-        raise ValueError("sampler='learned' takes its coefficients from sampler_file, not as an "
-                         "option")
+    for name in ("coefficients", "corrector"):
+        if name in options:
+            raise ValueError(f"sampler='learned' takes its {name} from sampler_file, not as an "
+                             "option")
     solver = load_solver(sampler_file)
     check_solver_process(solver, process)
     if schedule is not None:
@@ -138,8 +140,9 @@ def _solver_file(sampler, sampler_file, process, schedule, steps, capacity, opti
         raise ValueError(f"steps={steps!r} but the solver file is for {solver['nfe']} steps")
     steps = solver["nfe"]
     rows = _capacity(steps, capacity) - steps
-    coefs = np.pad(solver["coefficients"], ((0, rows), (0, 0)))
-    return solver["sigmas"], steps, jnp.asarray(coefs, jnp.result_type(float))
+    tables = {k: jnp.asarray(np.pad(solver[k], ((0, rows), (0, 0))), jnp.result_type(float))
+              for k in ("coefficients", "corrector") if solver.get(k) is not None}
+    return solver["sigmas"], steps, tables
 
 
 def _as_pytree(model_fn):
@@ -275,8 +278,8 @@ def _core(model_fn, noise, sigmas, steps, key, process, guidance, *, sampler, pr
     kwargs = dict(options, num_steps=steps, trajectory=trajectory)
     if key is not None and "key" in inspect.signature(fn).parameters:
         kwargs["key"] = key
-    if solver is not None:  # a learned solver's coefficient table: data, like the grid
-        kwargs["coefficients"] = solver
+    if solver is not None:  # a learned solver's coefficient tables: data, like the grid
+        kwargs.update(solver)
     if time == "t":  # the process is traced here, so it reaches the sampler as an argument
         kwargs["time"] = process
     x = noise * process.prior_scale(sigmas[0]).astype(noise.dtype)

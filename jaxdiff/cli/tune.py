@@ -3,6 +3,7 @@ trained run's EMA model and writes its solver file (JSON).
 
     jaxdiff tune-sampler --workdir RUN --nfe 5 [--out FILE] [--num 1024] [--iters 150]
                          [--order 3] [--init trailing] [--loss huber] [--seed 0]
+                         [--no-corrector]
 
 Calibration: --num standard-normal draws (class-conditional models: classes cycled, CFG at
 the config's guidance); their reference end points come from the run's own sampler at 8x the
@@ -35,6 +36,8 @@ def parser():
     ap.add_argument("--loss", default="huber")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-corrector", action="store_true",
+                    help="fit the predictor table only (no corrector table)")
     return ap
 
 
@@ -105,15 +108,16 @@ def tune(args):
     ref = jnp.concatenate([ref_fn(x[i : i + 256], *(a[i : i + 256] for a in cond))
                            for i in range(0, n, 256)])
     floor = float(fine[-2]) if init[-1] == 0 else None
-    sig, tab, info = solver_fit.fit_solver(
+    solver = solver_fit.fit_solver(
         Dc, x, ref, init, order=args.order, sigma_floor=floor, cond_cal=cond, iters=args.iters,
         batch=min(args.batch, int(0.8 * n)), loss=args.loss, seed=args.seed, eval_every=5,
-        patience=8)
-    info = {k: v for k, v in info.items() if k != "history"}
+        patience=8, corrector=not args.no_corrector, process=process)
+    info = solver["fit"]
+    info.pop("history", None)
     info.update(run=os.path.abspath(args.workdir), step=step, init=sched, guidance=scale,
                 reference=f"dpmpp_3m, {8 * args.nfe} steps")
     out = args.out or os.path.join(args.workdir, "solvers", f"solver_nfe{args.nfe}.json")
-    solver_fit.save_solver(out, solver_fit.solver_dict(sig, tab, process, info))
+    solver_fit.save_solver(out, solver)
     print(f"validation RMSE {info['initial_validation_rmse']:.4g} ({sched}) -> "
           f"{info['validation_rmse']:.4g} (learned), calibration {info['calibration_rmse']:.4g}")
     return out

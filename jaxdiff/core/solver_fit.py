@@ -17,12 +17,23 @@ log(s/s'), nodes v_m = log(sigma_i/sigma_{i-m}) and x' = rho x + sigma' int e^la
 V the Vandermonde matrix of the nodes (I_m = int_0^h e^v v^m dv). A step to sigma = 0 is first
 order (c = (1, 0, ...), a = 0).
 
+Optionally a corrector table (UniC-style, Zhao et al. 2023; no extra model call): the value
+D_{i+1} = D(x_{i+1}, sigma_{i+1}) that the next step evaluates anyway also corrects x_{i+1}
+before it is used,
+
+    x_{i+1} <- a'_i x_i + c'_i D_{i+1} + sum_{j<k} c'_{i,j} D_{i-j},
+
+while D_{i+1} stays the value at the predicted point (as UniPC). The base corrector is the same
+exponential integrator with D_{i+1} added as a node (one order higher than the predictor); the
+last step (whose D is never evaluated) is not corrected. In the stored table row i of the
+corrector corrects x_i (row 0 is unused).
+
 `fit_solver` learns (bespoke-style, Shaul et al. 2023; the per-step coefficient search of Liu
 et al. 2023's USF, done here by gradient): the grid (softmax log-gaps, as `schedule_opt`) and
-residuals delta on the c's, a_i absorbing -sum_j delta_ij so that every step keeps a + sum c
-fixed (a constant stays a constant). What makes the fit generalise to fresh noise (the RMS error
-at few steps is dominated by rare draws that switch modes, which a small calibration set lets
-the fit chase):
+residuals delta on the c's (predictor and corrector), a_i absorbing -sum_j delta_ij so that
+every step keeps a + sum c fixed (a constant stays a constant). What makes the fit generalise
+to fresh noise (the RMS error at few steps is dominated by rare draws that switch modes, which a
+small calibration set lets the fit chase):
 - many calibration draws, seen in random minibatches;
 - a robust loss on the per-sample error: "huber" (quadratic below the q-quantile of the initial
   per-sample RMS error, linear above) or "trimmed" (the largest fraction dropped), or "mse";
@@ -46,7 +57,7 @@ import optax
 from jaxdiff.core.schedule_opt import grid_from_logits, logits_from_grid
 
 FORMAT = "jaxdiff-solver"
-VERSION = 1
+VERSION = 1  # the optional "corrector" table keeps version 1 files readable
 LOSSES = ("mse", "huber", "trimmed")
 # The coefficients are far more sensitive than the grid's log-gaps (a change of 1e-2 in an early
 # step's a moves x by 1e-2 sigma_max): they are fitted as DELTA_SCALE * params, so that one
@@ -70,7 +81,8 @@ def _past_levels(sigmas, i, k):
 def ei_coefficients(sigmas, order=3, final_zero=None):
     """Base table (n, order + 1) for the grid `sigmas` (n + 1 levels): rows (a_i, c_i0, ...) of
     the Lagrange exponential integrator on D in lambda (module docstring); differentiable in the
-    positive levels. A final step to 0 is (0, 1, 0, ...); `final_zero` says whether the grid
+    positive levels. A final step to 0 is (0, 1, 0, ...); a final step to a positive level is
+    first order below 15 steps (as diffusers' lower_order_final); `final_zero` says whether the grid
     ends at 0 (needed when the levels are traced; read from the last level otherwise)."""
     sigmas = jnp.asarray(sigmas)
     n = sigmas.shape[0] - 1
@@ -82,6 +94,8 @@ def ei_coefficients(sigmas, order=3, final_zero=None):
             rows.append(jnp.zeros(order + 1, sigmas.dtype).at[1].set(1.0))
             continue
         p = min(order, i + 1)
+        if i == n - 1 and n < 15:  # diffusers' lower_order_final: a long last step to sigma_min
+            p = 1                  # is unstable at order > 1 (Lagrange extrapolation over h)
         rho = sigmas[i + 1] / sigmas[i]
         h = jnp.log(sigmas[i] / sigmas[i + 1])
         nodes = jnp.log(sigmas[i] / _past_levels(sigmas, i, p))  # v_m <= 0, v_0 = 0
@@ -96,6 +110,31 @@ def ei_coefficients(sigmas, order=3, final_zero=None):
     return jnp.stack(rows)
 
 
+def corrector_coefficients(sigmas, order=3):
+    """Base corrector table (n, order + 2) for the grid `sigmas` (n + 1 levels): row i >= 1
+    (a', c'_new, c'_0, ...) re-does the step sigma_{i-1} -> sigma_i with the Lagrange
+    exponential integrator through D_i (new) and the p = min(order, i) values D_{i-1}, ...,
+    D_{i-p} the predictor used; row 0 is zero (nothing to correct). Differentiable in the
+    levels."""
+    sigmas = jnp.asarray(sigmas)
+    n = sigmas.shape[0] - 1
+    rows = [jnp.zeros(order + 2, sigmas.dtype)]
+    for i in range(1, n):
+        p = min(order, i)
+        rho = sigmas[i] / sigmas[i - 1]
+        h = jnp.log(sigmas[i - 1] / sigmas[i])
+        levels = jnp.concatenate([sigmas[i][None], _past_levels(sigmas, i - 1, p)])
+        nodes = jnp.log(sigmas[i - 1] / levels)  # h, 0, v_1, ...
+        rho_i = [1.0 - rho]
+        for m in range(1, p + 1):
+            rho_i.append(h**m - m * rho_i[-1])
+        vander = jnp.cumprod(jnp.concatenate(
+            [jnp.ones((p + 1, 1), sigmas.dtype), jnp.tile(nodes[:, None], (1, p))], 1), 1)
+        c = jnp.linalg.solve(vander.T, jnp.stack(rho_i))
+        rows.append(jnp.concatenate([rho[None], c, jnp.zeros(order - p, sigmas.dtype)]))
+    return jnp.stack(rows)
+
+
 def _is_zero(v):
     """Static test of a grid level against 0 (a traced one counts as positive)."""
     try:
@@ -104,24 +143,35 @@ def _is_zero(v):
         return False
 
 
-def run_solver(denoiser, x, sigmas, coefficients, *cond):
+def run_solver(denoiser, x, sigmas, coefficients, *cond, corrector=None):
     """Applies the table: x_{i+1} = a_i x_i + sum_j c_ij D_{i-j} for i < n (n = the table's
-    length), as a `lax.scan` (one traced step whatever n). The sampler
+    length), with the `corrector` table (n, k + 2) applied to each x_i as soon as D_i is known
+    (module docstring), as a `lax.scan` (one traced step whatever n). The sampler
     `jaxdiff.samplers.learned` runs the same update in the shared loop; this one is for fitting
     (reverse mode through the scan). `cond`: per-sample arrays passed on as
     denoiser(x, sigma, *cond) (e.g. class labels)."""
     n, k1 = coefficients.shape
+    if corrector is None:
+        corrector = jnp.zeros((n, k1 + 1), coefficients.dtype)
+        use = False
+    else:
+        use = True
 
     def step(carry, inp):
-        x, hist = carry
-        sigma, row = inp
+        x, x_prev, hist = carry
+        sigma, row, crow, i = inp
         d = denoiser(x, sigma.astype(x.dtype), *cond)
+        if use:
+            crow = crow.astype(x.dtype)
+            xc = crow[0] * x_prev + crow[1] * d + jnp.tensordot(crow[2:], hist, axes=1)
+            x = jnp.where(i > 0, xc, x)
         hist = jnp.concatenate([d[None], hist[:-1]])
         row = row.astype(x.dtype)
-        return (row[0] * x + jnp.tensordot(row[1:], hist, axes=1), hist), None
+        return (row[0] * x + jnp.tensordot(row[1:], hist, axes=1), x, hist), None
 
     hist = jnp.zeros((k1 - 1,) + x.shape, x.dtype)
-    (x, _), _ = jax.lax.scan(step, (x, hist), (sigmas[:n], coefficients))
+    (x, _, _), _ = jax.lax.scan(step, (x, x, hist),
+                                (sigmas[:n], coefficients, corrector, jnp.arange(n)))
     return x
 
 
@@ -134,12 +184,14 @@ def process_info(process):
             "sigma_max": float(process.sigma_max)}
 
 
-def solver_dict(sigmas, coefficients, process=None, fit=None):
+def solver_dict(sigmas, coefficients, process=None, fit=None, corrector=None):
     """The solver file's content (JSON-ready)."""
     sigmas, coefficients = np.asarray(sigmas, np.float64), np.asarray(coefficients, np.float64)
     out = {"format": FORMAT, "version": VERSION, "nfe": int(len(sigmas) - 1),
            "order": int(coefficients.shape[1] - 1), "sigmas": sigmas.tolist(),
            "coefficients": coefficients.tolist()}
+    if corrector is not None:
+        out["corrector"] = np.asarray(corrector, np.float64).tolist()
     if process is not None:
         out["process"] = process if isinstance(process, dict) else process_info(process)
     if fit is not None:
@@ -150,7 +202,7 @@ def solver_dict(sigmas, coefficients, process=None, fit=None):
 def save_solver(path, solver):
     """Writes a solver (a dict from `solver_dict` or `load_solver`) as JSON."""
     solver = solver_dict(solver["sigmas"], solver["coefficients"], solver.get("process"),
-                         solver.get("fit"))
+                         solver.get("fit"), solver.get("corrector"))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with open(path, "w") as f:
@@ -160,7 +212,8 @@ def save_solver(path, solver):
 
 def load_solver(source):
     """A validated solver from a path or a dict: {"sigmas": (n+1,) float64, "coefficients":
-    (n, k+1) float64, "nfe", "order", "process" (or None), "fit" (or None)}. Any defect raises
+    (n, k+1) float64, "corrector": (n, k+2) float64 or None, "nfe", "order", "process" (or
+    None), "fit" (or None)}. Any defect raises
     a one-line ValueError naming it."""
     where = "solver"
     if isinstance(source, (str, os.PathLike)):
@@ -201,11 +254,20 @@ def load_solver(source):
     order = source.get("order", coefs.shape[1] - 1)
     if order != coefs.shape[1] - 1:
         raise ValueError(f"{where}: order={order!r} but coefficients have {coefs.shape[1]} columns")
+    corrector = source.get("corrector")
+    if corrector is not None:
+        try:
+            corrector = np.asarray(corrector, np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: corrector must be a list of rows of numbers") from None
+        if corrector.shape != (nfe, coefs.shape[1] + 1) or not np.all(np.isfinite(corrector)):
+            raise ValueError(f"{where}: corrector has shape {corrector.shape}, expected finite "
+                             f"({nfe}, {coefs.shape[1] + 1}) (one column more than coefficients)")
     process = source.get("process")
     if process is not None and not (isinstance(process, dict) and "type" in process):
         raise ValueError(f"{where}: process={process!r} must be an object with a 'type'")
     return {"nfe": nfe, "order": int(order), "sigmas": sigmas, "coefficients": coefs,
-            "process": process, "fit": source.get("fit")}
+            "corrector": corrector, "process": process, "fit": source.get("fit")}
 
 
 def check_solver_process(solver, process):
@@ -246,9 +308,10 @@ def robust_loss(err, kind, tau=None, trim=0.05):
 
 
 def _table(params, consts, cfg):
-    """(grid, table) of the parameters; cfg = (n, order, final_zero, free_end, fit_grid,
-    fit_coefficients) is static, consts = (init_grid, sigma_max, sigma_end) data."""
-    n, order, final_zero, free_end, fit_grid, fit_coefficients = cfg
+    """(grid, table, corrector or None) of the parameters; cfg = (n, order, final_zero,
+    free_end, fit_grid, fit_coefficients, corrector) is static, consts = (init_grid, sigma_max,
+    sigma_end) data."""
+    n, order, final_zero, free_end, fit_grid, fit_coefficients, corrector = cfg
     init_grid, sigma_max, sigma_end = consts
     if fit_grid:
         grid = grid_from_logits(params["logits"], sigma_max, sigma_end, final_zero, free_end)
@@ -256,38 +319,57 @@ def _table(params, consts, cfg):
     else:
         grid = init_grid
     base = ei_coefficients(grid, order, final_zero)
+    corr = corrector_coefficients(grid, order) if corrector else None
     if not fit_coefficients:
-        return grid, base
+        return grid, base, corr
     mask = np.zeros((n, order))
     for i in range(n):
         mask[i, : min(order, i + 1)] = 1.0
-    delta = DELTA_SCALE * params["delta"] * jnp.asarray(mask, base.dtype)
-    return grid, base + jnp.concatenate([-jnp.sum(delta, 1, keepdims=True), delta], 1)
+    table = base + _residual(params["delta"], mask, base.dtype)
+    if corrector:
+        cmask = np.zeros((n, order + 1))
+        for i in range(1, n):
+            cmask[i, : min(order, i) + 1] = 1.0
+        corr = corr + _residual(params["delta_c"], cmask, base.dtype)
+    return grid, table, corr
+
+
+def _residual(params, mask, dtype):
+    """(-sum delta, delta) with delta = DELTA_SCALE * params on the mask's used entries: a
+    change of the c's that keeps a + sum c."""
+    delta = DELTA_SCALE * params * jnp.asarray(mask, dtype)
+    return jnp.concatenate([-jnp.sum(delta, 1, keepdims=True), delta], 1)
 
 
 @jax.jit(static_argnames=("denoiser", "cfg"))
 def _errors(params, consts, x, ref, cond, *, denoiser, cfg):
-    grid, table = _table(params, consts, cfg)
-    return per_sample_error(run_solver(denoiser, x, grid, table, *cond), ref)
+    grid, table, corr = _table(params, consts, cfg)
+    return per_sample_error(run_solver(denoiser, x, grid, table, *cond, corrector=corr), ref)
 
 
 def _objective(params, consts, x, ref, cond, weights, *, denoiser, cfg, loss, trim):
     tau, smooth, ridge = weights
-    grid, table = _table(params, consts, cfg)
-    err = per_sample_error(run_solver(denoiser, x, grid, table, *cond), ref)
+    grid, table, corr = _table(params, consts, cfg)
+    err = per_sample_error(run_solver(denoiser, x, grid, table, *cond, corrector=corr), ref)
     value = robust_loss(err, loss, tau, trim)
     if "logits" in params:
         value = value + smooth * jnp.sum(jnp.square(jnp.diff(params["logits"], 2)))
-    return value + ridge * jnp.sum(jnp.square(params["delta"]))
+    return value + ridge * sum(jnp.sum(jnp.square(params[k])) for k in ("delta", "delta_c")
+                               if k in params)
 
 
-@jax.jit(static_argnames=("denoiser", "cfg", "loss", "trim", "learning_rate"))
+def _optimizer(learning_rate, iters):
+    """Adam with a cosine decay of the learning rate over the fit's iterations."""
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, max(1, iters)))
+
+
+@jax.jit(static_argnames=("denoiser", "cfg", "loss", "trim", "learning_rate", "iters"))
 def _update(params, state, consts, x, ref, cond, weights, *, denoiser, cfg, loss, trim,
-            learning_rate):
+            learning_rate, iters):
     value, grad = jax.value_and_grad(_objective)(params, consts, x, ref, cond, weights,
                                                  denoiser=denoiser, cfg=cfg, loss=loss, trim=trim)
     grad = jax.tree.map(jnp.nan_to_num, grad)  # a rare overflow must not poison Adam
-    updates, state = optax.adam(learning_rate).update(grad, state)
+    updates, state = _optimizer(learning_rate, iters).update(grad, state, params)
     return optax.apply_updates(params, updates), state, value
 
 
@@ -327,9 +409,11 @@ def fit_solver(
     ridge=1e-3,
     fit_grid=True,
     fit_coefficients=True,
+    corrector=True,
     eval_every=10,
     patience=8,
     seed=0,
+    process=None,
 ):
     """Fits a solver table to `denoiser` (VE view) from calibration starts `x_cal` (at
     init_grid[0]) and their reference end points `ref_cal`.
@@ -338,11 +422,14 @@ def fit_solver(
     positive level moves only when the grid ends at 0 and `sigma_floor` is given. Without
     (x_val, ref_val), `val_fraction` of the calibration draws is held out. `cond_cal` /
     `cond_val`: per-draw arrays (e.g. class labels) the denoiser gets as denoiser(x, sigma,
-    *cond), split and batched with the draws. Minibatches of
-    `batch` draws; every `eval_every` iterations the validation MSE is measured and the fit
-    stops after `patience` measurements without improvement. Returns (sigmas, coefficients) as
-    float64 numpy arrays and an info dict (losses, iterations, chosen iteration). The compiled
-    programs are shared by fits with the same denoiser, shapes and settings."""
+    *cond), split and batched with the draws. `corrector`: fit a corrector table too (module
+    docstring; same NFE). Minibatches of `batch` draws, Adam with a cosine-decayed
+    `learning_rate`; every `eval_every` iterations the validation MSE is measured and the fit
+    stops after `patience` measurements without improvement. Returns the solver as the dict
+    `solver_dict` makes (sigmas, coefficients, corrector, the `process` it is for when given,
+    and "fit": losses, iterations, chosen iteration), ready for `save_solver` and for
+    `jaxdiff.sample(..., sampler="learned", sampler_file=solver)`. The compiled programs are
+    shared by fits with the same denoiser, shapes and settings."""
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r} is unknown; allowed: {', '.join(LOSSES)}")
     if isinstance(order, bool) or order not in range(1, 9):
@@ -365,13 +452,15 @@ def fit_solver(
     cond_cal, cond_val = tuple(cond_cal), tuple(cond_val)
     dtype = x_cal.dtype
     batch = min(batch, len(x_cal))
-    cfg = (n, order, final_zero, free_end, fit_grid, bool(fit_coefficients))
+    cfg = (n, order, final_zero, free_end, fit_grid, bool(fit_coefficients), bool(corrector))
     sigma_end = float(sigma_floor) if free_end else float(levels[-1])
     consts = (jnp.asarray(init_grid, dtype), jnp.asarray(levels[0], dtype),
               jnp.asarray(sigma_end, dtype))
     kw = dict(denoiser=denoiser, cfg=cfg)
 
     params = {"delta": jnp.zeros((n, order), dtype)}
+    if corrector:
+        params["delta_c"] = jnp.zeros((n, order + 1), dtype)
     if fit_grid:
         params["logits"] = logits_from_grid(levels, sigma_end if free_end else None).astype(dtype)
 
@@ -382,7 +471,7 @@ def fit_solver(
     err0 = _chunked_errors(params, consts, x_val, ref_val, cond_val, batch, **kw)
     tau = float(jnp.quantile(jnp.sqrt(err0), quantile))
     weights = jnp.asarray([tau, smooth, ridge], dtype)
-    state = optax.adam(learning_rate).init(params)
+    state = _optimizer(learning_rate, iters).init(params)
     rng = np.random.default_rng(seed + 1)
     best, best_val, best_it = params, float(jnp.mean(err0)), 0
     init_val, history, bad = best_val, [], 0
@@ -391,7 +480,8 @@ def fit_solver(
         cond = tuple(a[idx] for a in cond_cal)
         params, state, value = _update(params, state, consts, x_cal[idx], ref_cal[idx], cond,
                                        weights,
-                                       loss=loss, trim=trim, learning_rate=learning_rate, **kw)
+                                       loss=loss, trim=trim, learning_rate=learning_rate,
+                                       iters=iters, **kw)
         history.append(float(value))
         if it % eval_every == 0 or it == iters:
             v = val_mse(params)
@@ -401,11 +491,12 @@ def fit_solver(
                 bad += 1
                 if bad >= patience:
                     break
-    grid, table = _table(best, consts, cfg)
+    grid, table, corr = _table(best, consts, cfg)
     cal_mse = float(jnp.mean(_chunked_errors(best, consts, x_cal, ref_cal, cond_cal, batch,
                                                **kw)))
-    info = {"loss": loss, "order": order, "iterations": it, "best_iteration": best_it,
+    info = {"loss": loss, "order": order, "corrector": bool(corrector), "iterations": it,
+            "best_iteration": best_it, "learning_rate": learning_rate,
             "calibration_draws": int(len(x_cal)), "validation_draws": int(len(x_val)),
             "calibration_rmse": math.sqrt(cal_mse), "validation_rmse": math.sqrt(best_val),
             "initial_validation_rmse": math.sqrt(init_val), "history": history}
-    return np.asarray(grid, np.float64), np.asarray(table, np.float64), info
+    return solver_dict(grid, table, process, info, corr)
