@@ -57,11 +57,14 @@ from jaxdiff.sampling import default_schedule
 # keyword arguments of fit_solver (besides the calibration set, the grid and sigma_floor)
 # Sized for a loaded 2-core CPU: one fit at NFE 6 with batch 32 took ~75 s to compile and
 # ~3.5 s an iteration (load average ~5); 20 iterations took the validation RMSE 0.76 -> 0.35.
-FIT = dict(order=3, iters=24, batch=16, learning_rate=0.02, loss="huber", eval_every=4,
+FIT = dict(order=2, iters=24, batch=16, learning_rate=0.02, loss="huber", eval_every=4,
            patience=3, seed=0)
 # calibration: `num` draws from noise key(seed) (the scored samples use key(0)), classes cycled;
 # references by `ref_sampler` with `ref_steps` steps on the model's standard schedule
 CAL = dict(num=192, seed=100, ref_sampler="dpmpp_3m", ref_steps=32)
+# where the learned grid ends: "zero" (the standard n-step grid, last call a denoising step) or
+# "sigma_min" (the standard (n+1)-step grid without its final 0: n calls, no call at the end)
+END = "sigma_min"
 NUM, SEED = 500, 0  # scored samples: as the testbed scores
 MODELS = ("digits16_unet", "digits16_flow")
 NFES = (4, 5, 6, 8)
@@ -241,8 +244,11 @@ class Calibration:
         return self._data
 
     def init_grid(self, nfe):
-        grid = np.asarray(schedules.get(self.m.standard["schedule"])(self.m.process, nfe),
+        steps = nfe + 1 if END == "sigma_min" else nfe
+        grid = np.asarray(schedules.get(self.m.standard["schedule"])(self.m.process, steps),
                           np.float64)
+        if END == "sigma_min" and grid[-1] == 0:
+            grid = grid[:-1]
         if not np.isclose(grid[0], self.fine[0], rtol=1e-6):
             raise ValueError(f"the {nfe}-step grid starts at {grid[0]:g}, the reference's at "
                              f"{self.fine[0]:g}")
@@ -456,6 +462,7 @@ def plot(table, path):
 def solver_key(m, nfe):
     """What a cached fit must match: the model, the fit's and calibration's settings."""
     return _hash(dict(fingerprint=m.fingerprint, fit=FIT, cal=CAL, nfe=nfe,
+                      **({"end": END} if END != "zero" else {}),
                       init=m.standard["schedule"], guidance=m.guidance))
 
 
@@ -498,13 +505,22 @@ def run_model(name, nfes, refit, cache, skip_fixed=False):
 
 
 def main(argv=None):
+    global END
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(testbed.SPECS))
     ap.add_argument("--nfes", nargs="+", type=int, default=list(NFES))
     ap.add_argument("--refit", action="store_true", help="redo the fits (cached rows stay)")
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
     ap.add_argument("--skip-fixed", action="store_true", help="fits and learned rows only")
+    ap.add_argument("--order", type=int, default=FIT["order"], help="the fit's order")
+    ap.add_argument("--no-corrector", action="store_true", help="fit no corrector table")
+    ap.add_argument("--end", choices=("zero", "sigma_min"), default=END,
+                    help="where the learned grid ends (see END)")
     a = ap.parse_args(argv)
+    END = a.end
+    FIT["order"] = a.order
+    if a.no_corrector:
+        FIT["corrector"] = False
     if min(a.nfes) < 2:
         ap.error("--nfes must be >= 2")
     cache = os.path.join(a.out, "solvers_testbed")

@@ -2,13 +2,15 @@
 trained run's EMA model and writes its solver file (JSON).
 
     jaxdiff tune-sampler --workdir RUN --nfe 5 [--out FILE] [--num 1024] [--iters 150]
-                         [--order 3] [--init trailing] [--loss huber] [--seed 0]
-                         [--no-corrector]
+                         [--order 2] [--init trailing] [--loss huber] [--seed 0]
+                         [--no-corrector] [--end sigma_min|zero]
 
 Calibration: --num standard-normal draws (class-conditional models: classes cycled, CFG at
 the config's guidance); their reference end points come from the run's own sampler at 8x the
 NFE in steps on the same grid kind (dpmpp_3m). A fifth of the draws is held out for early
-stopping. Default --out: RUN/solvers/solver_nfe<N>.json. Then:
+stopping. The default start (order 2, a grid ending at sigma_min with no final denoising call)
+is what measured best on the testbed models (benchmarks/RESULTS.md, "Samplers II"). Default
+--out: RUN/solvers/solver_nfe<N>.json. Then:
 
     jaxdiff sample --workdir RUN --sampler learned --sampler_file FILE
 """
@@ -31,7 +33,10 @@ def parser():
     ap.add_argument("--out", default=None)
     ap.add_argument("--num", type=int, default=1024, help="calibration draws")
     ap.add_argument("--iters", type=int, default=150)
-    ap.add_argument("--order", type=int, default=3)
+    ap.add_argument("--order", type=int, default=2)
+    ap.add_argument("--end", choices=("sigma_min", "zero"), default="sigma_min",
+                    help="sigma_min: the (N+1)-level grid without its final 0, N calls and no "
+                         "final denoising call; zero: the N-step grid to 0")
     ap.add_argument("--init", default=None, help="initial grid (default: the run's schedule)")
     ap.add_argument("--loss", default="huber")
     ap.add_argument("--batch", type=int, default=256)
@@ -100,7 +105,10 @@ def tune(args):
             return D(x, sigma)
 
     sched = args.init or config.sampler.get("schedule") or default_schedule(process)
-    init = np.asarray(schedules.get(sched)(process, args.nfe), np.float64)
+    init = np.asarray(schedules.get(sched)(process, args.nfe + (args.end == "sigma_min")),
+                      np.float64)
+    if args.end == "sigma_min" and init[-1] == 0:
+        init = init[:-1]
     fine = jnp.asarray(schedules.get(sched)(process, 8 * args.nfe), jnp.float32)
     x = noise * process.prior_scale(init[0]).astype(noise.dtype)
     ref_fn = jax.jit(lambda x, *c: samplers.SAMPLERS["dpmpp_3m"](
