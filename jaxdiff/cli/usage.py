@@ -51,6 +51,9 @@ flags:
   --seed N                 noise seed, >= 0 (default 0)
   --class K                class-conditional models: one class for every sample (default: cycle)
   --guidance S             class-conditional models: guidance scale (1 = none)
+  --sampler_file FILE      a learned solver (jaxdiff tune-sampler): its grid and steps
+  --scheduler_config FILE  a diffusers scheduler_config.json: its sampler, grid and options
+                           (with --steps N; the run's process and prediction must match)
 
 example:
   jaxdiff sample --workdir runs/digits --sampler dpmpp_2m --steps 20 --num 64 --out grid.png""",
