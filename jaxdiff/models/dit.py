@@ -156,6 +156,8 @@ class DiT(nn.Module):
     K = num_classes is the classifier-free-guidance null label (y=None means all-null). The table
     has K + 1 rows when `class_dropout_prob > 0` (the reference's rule), else K.
     Returns (B, H, W, C or 2C) float32. DiT has no dropout: `train` is accepted for the contract.
+    Feature caches (`jaxdiff.accel.cache`) run ranges of blocks with `blocks`, `hidden` and
+    `tokens`, see `__call__`; they change neither the plain pass nor the parameters.
     """
 
     patch_size: int = 2
@@ -180,21 +182,40 @@ class DiT(nn.Module):
             raise ValueError(f"image size {height}x{width} is not divisible by patch_size={p}")
 
     @nn.compact
-    def __call__(self, x, t, y=None, *, train=False):
+    def __call__(self, x, t, y=None, *, train=False, hidden=None, blocks=None, tokens=False):
+        """The forward pass. For feature caches: `blocks=(start, stop)` runs only those blocks,
+        on `hidden` (B, T, D), the tokens after block start - 1, when given (else on the embedded
+        x); `tokens=True` returns the tokens after the last block run instead of the output."""
         B, H, W, C = x.shape
         self.check_image_size(H, W)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         p, D = self.patch_size, self.hidden_size
-        h = PatchEmbed(p, D, name="x_embedder", **kw)(x.astype(self.dtype))  # (B, T, D)
-        h = h + jnp.asarray(sincos_pos_embed_2d(D, H // p, W // p), self.dtype)
+        start, stop = self._check_blocks(blocks, hidden)
+        if hidden is None:
+            h = PatchEmbed(p, D, name="x_embedder", **kw)(x.astype(self.dtype))  # (B, T, D)
+            h = h + jnp.asarray(sincos_pos_embed_2d(D, H // p, W // p), self.dtype)
+        else:
+            h = hidden.astype(self.dtype)
         c = self._conditioning(t, y, B)  # (B, D)
         block = nn.remat(DiTBlock) if self.remat else DiTBlock
         args = (self.num_heads, self.mlp_ratio, self.attention_impl)
-        for i in range(self.depth):
+        for i in range(start, stop):
             h = block(*args, name=f"blocks.{i}", **kw)(h, c)  # (B, T, D)
+        if tokens:
+            return h
         out_channels = 2 * C if self.learn_sigma else C
         h = FinalLayer(p, out_channels, name="final_layer", **kw)(h, c)  # (B, T, p·p·C_out)
         return unpatchify(h, H // p, W // p, p).astype(jnp.float32)
+
+    def _check_blocks(self, blocks, hidden):
+        """(start, stop) of the blocks to run; one-line ValueError for a bad range."""
+        start, stop = (0, self.depth) if blocks is None else blocks
+        if not 0 <= start <= stop <= self.depth:
+            raise ValueError(f"blocks={blocks!r} must be (start, stop) with "
+                             f"0 <= start <= stop <= depth={self.depth}")
+        if start > 0 and hidden is None:
+            raise ValueError(f"blocks={blocks!r} starts after block 0 and needs hidden tokens")
+        return start, stop
 
     def _conditioning(self, t, y, batch):
         """c = t_embedder(t · time_scale) + y_embedder(y), (B, hidden_size)."""

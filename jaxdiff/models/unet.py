@@ -112,6 +112,8 @@ class UNet(nn.Module):
     K = num_classes the classifier-free-guidance null label (y=None means all-null); context
     (B, T, context_dim) when `context_dim` is set. `attn_resolutions` are feature-map heights
     (e.g. (4,) for attention at 4×4). Returns (B, H, W, out_channels or C) float32.
+    Feature caches (`jaxdiff.accel.cache`) add `skip_level` and `deep`, see `__call__`; they
+    change neither the plain pass nor the parameters.
     """
 
     channels: int = 64
@@ -141,25 +143,46 @@ class UNet(nn.Module):
             )
 
     @nn.compact
-    def __call__(self, x, t, y=None, *, train=False, context=None):
+    def __call__(self, x, t, y=None, *, train=False, context=None, skip_level=None, deep=None):
+        """The forward pass; with `skip_level` (DeepCache, Ma et al. 2024) it returns `(out,
+        deep)`, `deep` being the input of the decoder block that takes encoder skip number
+        `skip_level` (0 = conv_in's output, `num_skips() - 1` the deepest). Given `deep`, only
+        the shallow branch runs: the encoder up to that skip and the decoder from that block."""
         B, H, W, C = x.shape
         self.check_image_size(H, W)
         self._check_context(context)
+        self._check_skip_level(skip_level, deep)
         emb = self._embed(t, y, B)  # (B, 4·channels)
         h = conv(self.channels, 3, name="conv_in", **self._kw())(x.astype(self.dtype))
         skips = [h]
+        stop = self.num_skips() if deep is None else skip_level + 1  # skips to compute
         for level, mult in enumerate(self.channel_mult):
-            h, new = self._down_level(level, mult, h, emb, context, train)
-            skips += new
-        h = self._block(ResBlock, "mid_res_0", h.shape[-1])(h, emb, train)
-        if self.mid_attn:
-            h = self._block(AttnBlock, "mid_attn")(h, context)
-        h = self._block(ResBlock, "mid_res_1", h.shape[-1])(h, emb, train)
+            h = self._down_level(level, mult, h, emb, context, train, skips, stop)
+        if deep is None:
+            h = self._block(ResBlock, "mid_res_0", h.shape[-1])(h, emb, train)
+            if self.mid_attn:
+                h = self._block(AttnBlock, "mid_attn")(h, context)
+            h = self._block(ResBlock, "mid_res_1", h.shape[-1])(h, emb, train)
+        skips += [None] * (self.num_skips() - len(skips))  # not computed in a shallow pass
+        cut = dict(level=skip_level, deep=deep)
         for level in reversed(range(len(self.channel_mult))):
-            h = self._up_level(level, h, skips, emb, context, train)
+            h = self._up_level(level, h, skips, emb, context, train, cut)
         h = nn.silu(group_norm(h.shape[-1], self.norm_groups, name="norm_out", **self._kw())(h))
         out = conv(self.out_channels or C, 3, name="conv_out", init=zeros, **self._kw())(h)
-        return out.astype(jnp.float32)
+        out = out.astype(jnp.float32)
+        return out if skip_level is None else (out, cut["deep"])
+
+    def num_skips(self):
+        """Encoder outputs the decoder takes: conv_in's, each block's, each downsampling's."""
+        levels = len(self.channel_mult)
+        return 1 + levels * self.num_res_blocks + levels - 1
+
+    def _check_skip_level(self, skip_level, deep):
+        if skip_level is None and deep is not None:
+            raise ValueError("deep features were given to a UNet without skip_level")
+        if skip_level is not None and not 0 <= skip_level < self.num_skips():
+            raise ValueError(f"skip_level={skip_level!r} must be in [0, {self.num_skips() - 1}] "
+                             f"(the UNet's encoder skips)")
 
     def _kw(self):
         return dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -172,28 +195,38 @@ class UNet(nn.Module):
         cls = nn.remat(cls) if self.remat else cls
         return cls(self.num_heads, self.norm_groups, self.attention_impl, name=name, **self._kw())
 
-    def _down_level(self, level, mult, h, emb, context, train):
-        """num_res_blocks blocks (+ attention), then a stride-2 conv unless last; returns skips."""
-        skips = []
+    def _down_level(self, level, mult, h, emb, context, train, skips, stop):
+        """num_res_blocks blocks (+ attention), then a stride-2 conv unless last, each output
+        appended to `skips` while it holds fewer than `stop`."""
         for i in range(self.num_res_blocks):
+            if len(skips) >= stop:
+                return h
             h = self._block(ResBlock, f"down_{level}_res_{i}", self.channels * mult)(h, emb, train)
             if h.shape[1] in self.attn_resolutions:
                 h = self._block(AttnBlock, f"down_{level}_attn_{i}")(h, context)
             skips.append(h)
-        if level < len(self.channel_mult) - 1:
+        if level < len(self.channel_mult) - 1 and len(skips) < stop:
             h = conv(h.shape[-1], 3, strides=2, name=f"down_{level}_downsample", **self._kw())(h)
             skips.append(h)
-        return h, skips
+        return h
 
-    def _up_level(self, level, h, skips, emb, context, train):
-        """num_res_blocks + 1 blocks on [h, skip] (+ attention), then 2× upsampling unless first."""
+    def _up_level(self, level, h, skips, emb, context, train, cut):
+        """num_res_blocks + 1 blocks on [h, skip] (+ attention), then 2× upsampling unless first.
+        Blocks whose skip is None (deeper than a shallow pass) do not run; at the block taking
+        skip `cut["level"]`, its input h is recorded in `cut["deep"]`, or replaced by it."""
         out = self.channels * self.channel_mult[level]
         for i in range(self.num_res_blocks + 1):
-            h = jnp.concatenate([h, skips.pop()], axis=-1)  # (B, h, w, C_h + C_skip)
+            if len(skips) - 1 == cut["level"]:
+                h = cut["deep"] if cut["deep"] is not None else h
+                cut["deep"] = h
+            skip = skips.pop()
+            if skip is None:
+                continue
+            h = jnp.concatenate([h, skip], axis=-1)  # (B, h, w, C_h + C_skip)
             h = self._block(ResBlock, f"up_{level}_res_{i}", out)(h, emb, train)
             if h.shape[1] in self.attn_resolutions:
                 h = self._block(AttnBlock, f"up_{level}_attn_{i}")(h, context)
-        if level > 0:
+        if level > 0 and skip is not None:
             h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest, (B, 2h, 2w, C)
             h = conv(out, 3, name=f"up_{level}_upsample", **self._kw())(h)
         return h
