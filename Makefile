@@ -6,7 +6,7 @@ BASE := $(VENV)/.installed-base
 FULL := $(VENV)/.installed-test
 DEMO_DIR ?= runs/digits
 
-.PHONY: demo test lint bench bench-samplers bench-kernels clean
+.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching clean
 
 $(BASE): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ bench-kernels: $(FULL)
 # (benchmarks/out/testbed.json). About 15 min on 2 cores the first time, seconds after.
 testbed: $(FULL)
 	$(BIN)/python benchmarks/testbed.py build
+
+# Feature caches on the testbed UNet and DiT vs sampling with fewer steps
+# (benchmarks/out/caching.{md,png,json}); builds the testbed first if needed. ~40 min on 2 cores.
+bench-caching: testbed
+	$(BIN)/python benchmarks/caching.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

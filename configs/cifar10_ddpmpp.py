@@ -8,6 +8,7 @@ expect recognisable samples after ~50k steps. The network is conditioned on 999 
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
@@ -17,7 +18,9 @@ def get_config():
                    remat=False)
     c.process = dict(name="vp_linear", beta_min=0.1, beta_max=20.0, t_min=1e-5, time_scale=999.0)
     c.loss = dict(prediction="eps", weighting="uniform", time_sampling="uniform", p_uncond=0.0)
-    c.sampler = dict(name="dpmpp_2m", steps=50, schedule="logsnr", guidance=1.0, options={})
+    # cache: None, or a feature cache (jaxdiff/accel/cache.py), e.g. "deepcache:interval=3"
+    c.sampler = dict(name="dpmpp_2m", steps=50, schedule="logsnr", guidance=1.0, options={},
+                     cache=placeholder(str))
     c.optim = dict(lr=2e-4, warmup_steps=5000, schedule="constant", weight_decay=0.0,
                    grad_clip=1.0, ema_decays=(0.9999,))
     c.data = dict(name="cifar10", batch_size=128, random_flip=True, data_dir=None)

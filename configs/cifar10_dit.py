@@ -10,6 +10,8 @@ samples after ~100k steps on one GPU.
 import os
 import runpy
 
+from ml_collections.config_dict import placeholder
+
 BASE = runpy.run_path(os.path.join(os.path.dirname(__file__), "cifar10_ddpmpp.py"))
 
 
@@ -20,7 +22,9 @@ def get_config():
     c.process = dict(name="rectified_flow", time_scale=1000.0)
     c.loss = dict(prediction="flow", weighting="uniform", time_sampling="logit_normal",
                   p_uncond=0.1)
-    c.sampler = dict(name="heun", steps=25, schedule="shift", guidance=2.0, options={})
+    # cache: None, or a feature cache (jaxdiff/accel/cache.py), e.g. "taylorseer:interval=4"
+    c.sampler = dict(name="heun", steps=25, schedule="shift", guidance=2.0, options={},
+                     cache=placeholder(str))
     c.optim.update(lr=1e-4, warmup_steps=5000, schedule="constant")
     c.train.steps = 400_000
     return c

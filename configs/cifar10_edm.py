@@ -10,6 +10,8 @@ run with `--config.train.steps=...` trades quality for time.
 import os
 import runpy
 
+from ml_collections.config_dict import placeholder
+
 BASE = runpy.run_path(os.path.join(os.path.dirname(__file__), "cifar10_ddpmpp.py"))
 
 
@@ -19,7 +21,9 @@ def get_config():
                    num_classes=10)
     c.process = dict(name="edm", sigma_data=0.5)
     c.loss = dict(prediction="edm", weighting="uniform", time_sampling="lognormal", p_uncond=0.1)
-    c.sampler = dict(name="heun", steps=18, schedule="karras", guidance=1.0, options={})
+    # cache: None, or a feature cache (jaxdiff/accel/cache.py), e.g. "deepcache:interval=3"
+    c.sampler = dict(name="heun", steps=18, schedule="karras", guidance=1.0, options={},
+                     cache=placeholder(str))
     c.optim.update(lr=1e-3, warmup_steps=10_000, schedule="constant")
     c.data.batch_size = 512
     c.train.steps = 400_000

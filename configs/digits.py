@@ -8,6 +8,7 @@ built-in digits classifier, `jaxdiff.eval.digits`, reads as the requested digit)
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
@@ -17,7 +18,9 @@ def get_config():
                    remat=False)
     c.process = dict(name="edm", sigma_data=0.5)
     c.loss = dict(prediction="edm", weighting="uniform", time_sampling="lognormal", p_uncond=0.1)
-    c.sampler = dict(name="dpmpp_2m", steps=20, schedule="karras", guidance=2.0, options={})
+    # cache: None, or a feature cache (jaxdiff/accel/cache.py), e.g. "deepcache:interval=3"
+    c.sampler = dict(name="dpmpp_2m", steps=20, schedule="karras", guidance=2.0, options={},
+                     cache=placeholder(str))
     c.optim = dict(lr=2e-3, warmup_steps=200, schedule="cosine", weight_decay=0.0,
                    grad_clip=1.0, ema_decays=(0.999,))
     c.data = dict(name="digits", batch_size=64, random_flip=False, data_dir=None)

@@ -12,6 +12,8 @@ steps at batch 256) with the reference parameter layout, so its checkpoints impo
 import os
 import runpy
 
+from ml_collections.config_dict import placeholder
+
 BASE = runpy.run_path(os.path.join(os.path.dirname(__file__), "cifar10_ddpmpp.py"))
 
 
@@ -21,7 +23,9 @@ def get_config():
                    remat=False)
     c.process = dict(name="discrete_vp", beta_schedule="linear")
     c.loss = dict(prediction="eps", weighting="uniform", time_sampling="uniform", p_uncond=0.1)
-    c.sampler = dict(name="ddim", steps=250, schedule="trailing", guidance=1.5, options={})
+    # cache: None, or a feature cache (jaxdiff/accel/cache.py), e.g. "taylorseer:interval=4"
+    c.sampler = dict(name="ddim", steps=250, schedule="trailing", guidance=1.5, options={},
+                     cache=placeholder(str))
     c.optim.update(lr=1e-4, warmup_steps=0, schedule="constant", ema_decays=(0.9999,))
     c.data = dict(name="imagenet2012_latents", batch_size=256, random_flip=False, data_dir=None,
                   latent_shape=(32, 32, 4))

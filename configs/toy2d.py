@@ -13,6 +13,7 @@ exact denoiser of the gmm set (tests/test_natural_time.py) 2.3% of samples land 
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
@@ -21,7 +22,9 @@ def get_config():
     c.process = dict(name="rectified_flow")
     c.loss = dict(prediction="flow", weighting="uniform", time_sampling="logit_normal",
                   p_uncond=0.0)
-    c.sampler = dict(name="heun", steps=16, schedule="time_uniform", guidance=1.0, options={})
+    # cache: None, or a feature cache (jaxdiff/accel/cache.py); none fits the MLP
+    c.sampler = dict(name="heun", steps=16, schedule="time_uniform", guidance=1.0, options={},
+                     cache=placeholder(str))
     c.optim = dict(lr=1e-3, warmup_steps=100, schedule="cosine", weight_decay=0.0,
                    grad_clip=1.0, ema_decays=(0.999,))
     c.data = dict(name="moons", batch_size=256, random_flip=False, data_dir=None)

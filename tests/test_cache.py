@@ -21,6 +21,8 @@ from jaxdiff.accel.cache import (
     FirstBlockCache,
     TaylorSeer,
     branch_flops,
+    feature_changes,
+    full_calls_from_changes,
     full_network_equivalents,
     make_cache,
     newton_extrapolate,
@@ -250,7 +252,7 @@ def test_skipped_branch_does_not_run(cls, data, expected):
      r"cache 'fbcache' is for a DiT, got a UNet; allowed for it: deepcache"),
     (lambda: _cache("deepcache", window=3),
      r"no setting 'window'; allowed: interval, skip_level, full_calls"),
-    (lambda: _cache("deepcache", skip_level=4), r"skip_level=4 must be in \[0, 3\]"),
+    (lambda: _cache("deepcache", skip_level=4), r"skip_level=4 must be at most 3 \(the UNet"),
     (lambda: _cache("delta_dit", blocks=2), r"blocks=2 must be at most depth / 2 = 1"),
     (lambda: _sample(_cache("deepcache", rows=1)),
      r"holds features for 1 rows and was called on 2"),
@@ -269,6 +271,23 @@ def test_nonuniform_deepcache_schedule():
     with pytest.raises(ValueError, match=r"full_calls=\(1, 2\) must be call indices >= 0 that "
                                          "include 0"):
         _cache("deepcache", full_calls=(1, 2))
+
+
+def test_nonuniform_schedule_from_the_feature_change_profile():
+    """The profile is recorded along the uncached trajectory; the schedule puts the full calls
+    where the change accumulates."""
+    prof = feature_changes(UNET, PARAMS["unet"], X, T, Y, skip_level=1, capacity=8)
+    x, state = _sample(prof)
+    np.testing.assert_allclose(x, _sample(_plain("unet")), atol=1e-6, rtol=0)
+    change = np.asarray(state["change"])
+    assert int(state["calls"]) == 6 and change[0] == 0 and np.all(change[1:6] > 0)
+    assert np.all(change[6:] == 0)
+    assert full_calls_from_changes([0, 1, 1, 1, 1, 1], 3) == [0, 2, 4]  # uniform change
+    assert full_calls_from_changes([0, 8, 1, 1, 1, 1], 3) == [0, 1, 2]  # fast early: dense
+    assert full_calls_from_changes([0, 0, 0, 0, 0, 1], 2) == [0, 5]
+    assert full_calls_from_changes([0, 0, 0, 0, 0, 0], 3) == [0, 1, 2]  # no change: the earliest
+    with pytest.raises(ValueError, match=r"num_full=7 must be an integer in 1..6"):
+        full_calls_from_changes(change[:6], 7)
 
 
 @pytest.mark.parametrize("name,settings", [("deepcache", dict(interval=3)),
@@ -309,3 +328,28 @@ def test_every_call_cache_through_other_samplers(sampler, nfe):
     x, state = _sample(_cache("fbcache", threshold=0.0), **kw)
     np.testing.assert_allclose(x, _sample(_plain("dit"), **kw), atol=1e-6, rtol=0)
     assert int(state["calls"]) == int(state["fulls"]) == nfe
+
+
+def test_benchmark_compares_at_equal_wall_time():
+    """benchmarks/caching.py's verdict: a cache beats fewer steps when its FD is below the
+    uncached FD interpolated (linear in log time) at its wall time; speedup vs the same steps."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import caching
+
+    runs = [dict(cache=None, steps=10, wall_s=1.0, fd=3.0, dev=0.2),
+            dict(cache=None, steps=20, wall_s=2.0, fd=2.0, dev=0.0),
+            dict(cache="deepcache", steps=20, wall_s=2 ** 0.5, fd=2.4, dev=0.11),
+            dict(cache="deepcache", steps=20, wall_s=2 ** 0.5, fd=2.6, dev=0.09),
+            dict(cache="taylorseer", steps=10, wall_s=0.5, fd=2.0, dev=0.0)]
+    caching.compare(runs)
+    assert runs[2]["fd_equal_time"] == pytest.approx(2.5)
+    assert runs[2]["dev_equal_time"] == pytest.approx(0.1)
+    assert runs[2]["beats_on_fd"] is True and runs[3]["beats_on_fd"] is False
+    assert runs[2]["beats_on_dev"] is False and runs[3]["beats_on_dev"] is True
+    assert runs[2]["speedup"] == pytest.approx(2 ** 0.5)
+    assert runs[2]["fd_change"] == pytest.approx(0.2)
+    assert runs[4]["fd_equal_time"] is None and runs[4]["beats_on_fd"] is None
+    assert runs[0]["beats_on_fd"] is None  # the baseline itself

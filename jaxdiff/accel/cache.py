@@ -119,6 +119,9 @@ def check_cache(name, model, settings):
         low = 1 if key in ("interval", "blocks") else 0
         if key in s and not (_is_int(s[key]) and s[key] >= low):
             raise ValueError(f"cache {name!r} {key}={s[key]!r} must be an integer >= {low}")
+    if "skip_level" in s and s["skip_level"] >= model.num_skips():
+        raise ValueError(f"cache {name!r} skip_level={s['skip_level']!r} must be at most "
+                         f"{model.num_skips() - 1} (the UNet's encoder skips)")
     if "blocks" in s and 2 * s["blocks"] > model.depth:
         raise ValueError(f"cache {name!r} blocks={s['blocks']!r} must be at most depth / 2 = "
                          f"{model.depth // 2} (front and rear blocks are disjoint)")
@@ -199,6 +202,47 @@ class DeepCache:
         deep = _rows(init["deep"], x.shape[0])
         return (lambda: self.full(params, x, t, *args)[0],
                 lambda: self.shallow(params, deep, x, t, *args))
+
+
+def feature_changes(model, params, x, t, *args, skip_level=0, capacity=256):
+    """A `Stateful` full network that records how fast DeepCache's deep feature moves: sampled
+    with it (as the run will sample, e.g. under the same CFG), `state["change"][i]` is the
+    relative L1 change of the feature at the skip level from call i - 1 to call i (0 at call 0),
+    for the first `state["calls"]` of `capacity` entries. Give it to `full_calls_from_changes`."""
+    func = DeepCache(model, skip_level)
+    deep = func.init(params, x, t, *args)["deep"]
+    init = dict(calls=jnp.zeros((), jnp.int32), deep=deep,
+                change=jnp.zeros((capacity,), jnp.float32))
+
+    def fn(params, x, t, *args_state):
+        *args, state = args_state
+        out, new = func.full(params, x, t, *args)
+        old = _rows(state["deep"], x.shape[0])
+        change = jnp.mean(jnp.abs(new - old)) / jnp.maximum(jnp.mean(jnp.abs(old)), 1e-30)
+        change = jnp.where(state["calls"] == 0, 0.0, change).astype(jnp.float32)
+        return out, dict(calls=state["calls"] + 1, deep=_put(state["deep"], new),
+                         change=state["change"].at[state["calls"]].set(change))
+
+    return Stateful(jax.tree_util.Partial(fn, params), init)
+
+
+def full_calls_from_changes(change, num_full):
+    """A non-uniform DeepCache schedule: `num_full` call indices (0 first) that split the
+    cumulative feature change (`feature_changes`, one entry per call) into equal parts, so full
+    passes are denser where the features move fast."""
+    change = np.asarray(change, np.float64)
+    if not (_is_int(num_full) and 1 <= num_full <= len(change)):
+        raise ValueError(f"num_full={num_full!r} must be an integer in 1..{len(change)} (the "
+                         "number of calls)")
+    cum = np.cumsum(change)  # cum[i]: change accumulated up to call i
+    calls = {0}
+    for k in range(1, num_full):
+        calls.add(int(np.searchsorted(cum, k * cum[-1] / num_full)))
+    i = 1  # ties (a jump worth several parts) take the next free calls
+    while len(calls) < num_full:
+        calls.add(i) if i not in calls else None
+        i += 1
+    return sorted(calls)
 
 
 # --- DiT caches ---------------------------------------------------------------------------------
@@ -365,4 +409,112 @@ def newton_extrapolate(history, count, m):
 
 
 __all__ = ["CACHES", "DeepCache", "DeltaDiT", "FirstBlockCache", "TaylorSeer", "branch_flops",
-           "check_cache", "full_network_equivalents", "make_cache", "newton_extrapolate"]
+           "check_cache", "feature_changes", "full_calls_from_changes", "full_network_equivalents",
+           "make_cache", "newton_extrapolate"]
+
+
+# --- specs: a cache as a string (`jaxdiff sample --cache`, config `sampler.cache`) --------------
+
+LIST_SEP = "/"  # separates the call indices of a list setting: full_calls=0/1/2/4/8
+LIST_SETTINGS = ("full_calls",)  # settings that are lists (a single index is a list of one)
+SPEC_FORMAT = "NAME[:KEY=VALUE,...], e.g. deepcache:interval=3,skip_level=1"
+
+
+def parse_cache(spec):
+    """A cache spec `NAME[:KEY=VALUE,...]` -> (name, settings), or None for None, "" or "none".
+
+    Values are integers, else floats; a list setting (`full_calls`) is call indices joined by
+    "/" (`deepcache:full_calls=0/1/2/4/8` -> [0, 1, 2, 4, 8]). An unknown name or setting, or a
+    malformed item, is a one-line ValueError naming it and what is allowed; whether the settings
+    are in range and the cache fits the model is `check_cache`'s (it needs the model)."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
+        return None
+    if not isinstance(spec, str):
+        raise ValueError(f"cache {spec!r} is not a cache spec; allowed: None or a string "
+                         f"{SPEC_FORMAT}")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if name not in CACHES:
+        raise ValueError(f"cache {name!r} is unknown; allowed: {', '.join(CACHES)}")
+    defaults, settings = CACHES[name][1], {}
+    for item in rest.split(",") if rest.strip() else ():
+        key, eq, text = (s.strip() for s in item.partition("="))
+        if not eq or not key or not text:
+            raise ValueError(f"cache spec {spec!r}: item {item.strip()!r} is not KEY=VALUE; "
+                             f"allowed: {SPEC_FORMAT}")
+        if key not in defaults:
+            raise ValueError(f"cache {name!r} has no setting {key!r}; allowed: "
+                             f"{', '.join(defaults)}")
+        if key in settings:
+            raise ValueError(f"cache spec {spec!r}: setting {key!r} is given twice")
+        settings[key] = _parse_value(spec, key, text)
+    return name, settings
+
+
+def _parse_value(spec, key, text):
+    if key in LIST_SETTINGS or LIST_SEP in text:
+        parts = [p.strip() for p in text.split(LIST_SEP)]
+        try:
+            return [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"cache spec {spec!r}: {key}={text!r} is not a list of call "
+                             f"indices; allowed: integers joined by {LIST_SEP!r}, e.g. "
+                             f"{key}=0{LIST_SEP}1{LIST_SEP}2{LIST_SEP}4") from None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise ValueError(f"cache spec {spec!r}: {key}={text!r} is not a number; allowed: an "
+                     f"integer or a number (lists: integers joined by {LIST_SEP!r})")
+
+
+def format_cache(name, settings=None):
+    """(name, settings) -> its spec, `parse_cache`'s inverse: 'deepcache:interval=3'."""
+    items = ",".join(f"{k}={LIST_SEP.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                     for k, v in (settings or {}).items())
+    return f"{name}:{items}" if items else name
+
+
+def _parsed(spec):
+    """A spec string, or an already parsed (name, settings), as `parse_cache` gives it."""
+    return tuple(spec) if isinstance(spec, (tuple, list)) else parse_cache(spec)
+
+
+def cache_for(spec, model, params, x, t, *args):
+    """`make_cache` of the spec (a string, or `parse_cache`'s (name, settings)) around
+    `model.apply(params, x, t, *args)`, or None for no cache (None, "", "none")."""
+    parsed = _parsed(spec)
+    if parsed is None:
+        return None
+    name, settings = parsed
+    return make_cache(name, model, params, x, t, *args, **settings)
+
+
+def cache_cost(state, flops):
+    """{calls, fulls, full_network_equivalents} of a sampling call: `state` its final state,
+    `flops` `branch_flops`'s (full, skipped)."""
+    calls, fulls = _count_of(state["calls"]), _count_of(state["fulls"])
+    fne = full_network_equivalents(fulls, calls, *flops) if calls else float("nan")
+    return dict(calls=calls, fulls=fulls, full_network_equivalents=fne)
+
+
+def describe_cost(spec, state, flops):
+    """One line on what a cache saved in a sampling call: 'deepcache (interval=2): 2 of 4 calls
+    full, 0.62 full-network equivalents (XLA FLOPs)'. `spec` as for `cache_for`; `state`, `flops`
+    as for `cache_cost`."""
+    name, settings = _parsed(spec)
+    head = f"{name} ({format_cache(name, settings).partition(':')[2]})" if settings else name
+    c = cache_cost(state, flops)
+    return (f"{head}: {c['fulls']} of {c['calls']} calls full, "
+            f"{c['full_network_equivalents']:.2f} full-network equivalents (XLA FLOPs)")
+
+
+def _count_of(value):
+    """A counter of the state as an int; a replicated array is read from this process's copy."""
+    if hasattr(value, "addressable_data"):
+        value = value.addressable_data(0)
+    return int(np.asarray(value))
+
+
+__all__ += ["LIST_SEP", "cache_cost", "cache_for", "describe_cost", "format_cache", "parse_cache"]

@@ -4,11 +4,12 @@
     jaxdiff sample --workdir runs/digits --sampler dpmpp_2m --steps 20 --num 64 --seed 0
                    [--class 3 --guidance 2.0] --out grid.png
                    [--sampler_file solver.json | --scheduler_config scheduler_config.json]
+                   [--cache deepcache:interval=3]      (a feature cache, jaxdiff.accel.cache)
     jaxdiff eval   --workdir runs/digits --metrics fd,pr,nll --sampler heun --steps 18
                    --num 1000 [--features inception --inception_weights pt_inception.pth]
-                   [--out report.json]
+                   [--cache deepcache:interval=3] [--out report.json]
     jaxdiff eval sweep --workdir runs/digits --samplers ddim,heun,dpmpp_2m --steps 5,10,20,50
-                   --num 1000 [--out runs/digits/eval/sweep]      (writes .md, .png, .json)
+                   --num 1000 [--cache ...] [--out runs/digits/eval/sweep]  (.md, .png, .json)
     jaxdiff plot   --workdir runs/digits [--out curves.png]
     jaxdiff help [COMMAND], jaxdiff COMMAND --help: that command's usage (usage.py); --helpfull
                    adds every flag
@@ -192,7 +193,7 @@ def _sample(run):
     run.sample(config, FLAGS.workdir, out=out_path("sample"), num=num, seed=FLAGS.seed,
                sampler=FLAGS.sampler, steps=steps, label=FLAGS["class"].value,
                guidance=FLAGS.guidance, sampler_file=FLAGS.sampler_file,
-               scheduler_config=scheduler)
+               scheduler_config=scheduler, cache=FLAGS.cache)
 
 
 def _scheduler_config():
@@ -262,6 +263,7 @@ def _eval(command):
     if {"fd", "pr"} & set(metrics):
         check_memory("--num", num, config, "the samples")
     common = dict(metrics=metrics, num=num, seed=FLAGS.seed, guidance=FLAGS.guidance,
+                  cache=FLAGS.cache,
                   features=FLAGS.features or quality.default_features(config.data.name),
                   inception_weights=FLAGS.inception_weights, split=FLAGS.split)
     if command == "eval sweep":

@@ -11,8 +11,10 @@ import numpy as np
 
 import jaxdiff
 from jaxdiff import train as train_lib
+from jaxdiff.accel import cache as cache_lib
 from jaxdiff.cli import build, validate
 from jaxdiff.cli.flags import first_line
+from jaxdiff.core.denoiser import Stateful
 from jaxdiff.core.guidance import CFG, Chain
 from jaxdiff.eval import images, quality
 from jaxdiff.train import parallel, rundir
@@ -105,7 +107,7 @@ def _check_resume(config, workdir, model, tx, info):
 
 
 def draw(config, model, process, params, *, num, seed, sampler=None, steps=None, label=None,
-         guidance=None, mesh=None, sampler_file=None, scheduler=None):
+         guidance=None, mesh=None, sampler_file=None, scheduler=None, cache=None):
     """num samples from `params`, data-parallel over `mesh` (default: every device on "data");
     class-conditional models get labels 0..K-1 cycled (or `label`) with classifier-free
     guidance at `guidance` (default: the config's).
@@ -117,13 +119,31 @@ def draw(config, model, process, params, *, num, seed, sampler=None, steps=None,
     is the same for any device count or `num` > i, up to float reassociation.
 
     `scheduler`: a `jaxdiff.interop.diffusers.DiffusersSampling` (`scheduler_sampling`), whose
-    process, sampler, options and grid replace the config's (its clipping after the CFG)."""
+    process, sampler, options and grid replace the config's (its clipping after the CFG).
+
+    `cache`: a feature cache spec (`jaxdiff.accel.cache.parse_cache`; "none": no cache), else
+    the config's `sampler.cache` (optional); with one, the network is the cache and a line on
+    its cost is printed (`draw_with_cost`)."""
+    x, labels, _ = draw_with_cost(config, model, process, params, num=num, seed=seed,
+                                  sampler=sampler, steps=steps, label=label, guidance=guidance,
+                                  mesh=mesh, sampler_file=sampler_file, scheduler=scheduler,
+                                  cache=cache)
+    return x, labels
+
+
+def draw_with_cost(config, model, process, params, *, num, seed, sampler=None, steps=None,
+                   label=None, guidance=None, mesh=None, sampler_file=None, scheduler=None,
+                   cache=None):
+    """`draw`'s (x, labels), and the feature cache's cost: None without a cache, else
+    {cache: its spec, calls, fulls, full_network_equivalents} (`jaxdiff.accel.cache.cache_cost`),
+    also printed as one line on process 0."""
     s = config.sampler
+    parsed, what = _cache_spec(config, cache)
     mesh = parallel.make_mesh() if mesh is None else mesh
     padded = parallel.padded_size(num, mesh)
-    noise = parallel.per_index_normal(jax.random.key(seed), padded,
-                                      build.data_info(config)["shape"], mesh)
-    net = train_lib.network(model, jax.device_put(params, parallel.replicated(mesh)))
+    shape = tuple(build.data_info(config)["shape"])
+    noise = parallel.per_index_normal(jax.random.key(seed), padded, shape, mesh)
+    params = jax.device_put(params, parallel.replicated(mesh))
     labels, guide = _labels(config, padded, label, guidance, mesh)
     run = dict(sampler=sampler or s.name, steps=steps or s.steps, schedule=s.schedule,
                **dict(s.options))
@@ -134,10 +154,45 @@ def draw(config, model, process, params, *, num, seed, sampler=None, steps=None,
         process, _, clip = run.pop("process"), run.pop("prediction"), run.pop("guidance", None)
         if clip is not None:  # clip_sample / thresholding, after the CFG
             guide = clip if guide is None else Chain((guide, clip))
+    if parsed is not None and run["sampler"] == "ode":
+        raise ValueError(f"{what}: sampler 'ode' (diffrax, adaptive) cannot carry a cache's "
+                         "state; allowed: a fixed-grid sampler (e.g. dpmpp_2m) or no cache")
     with parallel.tracing_on(mesh):
-        x = jaxdiff.sample(net, noise, process=process, prediction=config.loss.prediction,
-                           key=jax.random.key(seed + 1), guidance=guide, **run)
-    return parallel.gather(x)[:num], None if labels is None else labels[:num]
+        if parsed is None:
+            net = train_lib.network(model, params)
+        else:  # under CFG the network is called once on [x; x] with labels [y; y_null]
+            rows = padded * (1 if labels is None else 2)
+            example = (np.zeros((rows,) + shape, np.float32), np.zeros(rows, np.float32),
+                       *(() if labels is None else (np.zeros(rows, np.int32),)))
+            try:
+                net = cache_lib.cache_for(parsed, model, {"params": params}, *example)
+            except ValueError as e:
+                raise ValueError(f"{what}: {first_line(e)}") from None
+            net = Stateful(net.fn, jax.device_put(net.init, parallel.replicated(mesh)))
+        out = jaxdiff.sample(net, noise, process=process, prediction=config.loss.prediction,
+                             key=jax.random.key(seed + 1), guidance=guide, **run)
+        if parsed is None:
+            x, cost = out, None
+        else:  # (x, final state): what ran, against XLA's FLOPs of the two branches
+            x, state = out
+            flops = cache_lib.branch_flops(net, *example)
+            cost = dict(cache=cache_lib.format_cache(*parsed),
+                        **cache_lib.cache_cost(state, flops))
+            if jax.process_index() == 0:
+                print(f"cache {cache_lib.describe_cost(parsed, state, flops)}")
+    return parallel.gather(x)[:num], None if labels is None else labels[:num], cost
+
+
+def _cache_spec(config, cache):
+    """(parsed (name, settings) or None, how to name it in an error): `cache` (the
+    --cache flag; "none" turns the config's off), else the config's sampler.cache (optional:
+    configs written before it lack it)."""
+    spec = config.sampler.get("cache") if cache is None else cache
+    what = f"--cache={cache}" if cache is not None else f"sampler.cache={spec!r}"
+    try:
+        return cache_lib.parse_cache(spec), what
+    except ValueError as e:
+        raise ValueError(f"{what}: {first_line(e)}") from None
 
 
 def _labels(config, num, label, guidance, mesh):
@@ -185,7 +240,7 @@ def scheduler_sampling(config, scheduler_config, steps=None):
 
 
 def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=None,
-           guidance=None, sampler_file=None, scheduler_config=None):
+           guidance=None, sampler_file=None, scheduler_config=None, cache=None):
     """Loads the EMA params of the latest checkpoint and writes `out` (PNG) and `.npz`;
     sampling is data-parallel over every device (see `draw`).
 
@@ -197,14 +252,17 @@ def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=N
 
     `scheduler_config` (a diffusers scheduler_config.json as a dict or path): sample with what
     `jaxdiff.interop.diffusers.from_scheduler_config(scheduler_config, steps)` gives, checked
-    against the run's process and prediction before the checkpoint is read."""
+    against the run's process and prediction before the checkpoint is read.
+
+    `cache`: a feature cache spec (`draw`), else the config's sampler.cache; the line on its
+    cost is printed, not saved."""
     scheduler = (None if scheduler_config is None
                  else scheduler_sampling(config, scheduler_config, steps))
     mesh = parallel.make_mesh()
     model, process, params, step = restore(config, workdir, mesh)
     x, labels = draw(config, model, process, params, num=num, seed=seed,
                      sampler=sampler, steps=steps, label=label, guidance=guidance, mesh=mesh,
-                     sampler_file=sampler_file, scheduler=scheduler)
+                     sampler_file=sampler_file, scheduler=scheduler, cache=cache)
     _save_samples(out, x, cols=(classes(config) or None) if label is None else None)
     if jax.process_index() == 0:
         np.savez(os.path.splitext(out)[0] + ".npz", samples=x,

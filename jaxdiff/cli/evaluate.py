@@ -82,15 +82,19 @@ def _sampler_config(config, sampler):
     return cfg
 
 
-def quality_of(run, ref, *, metrics, sampler, steps, num, seed, guidance):
+def quality_of(run, ref, *, metrics, sampler, steps, num, seed, guidance, cache=None):
     """{sampler, steps, nfe, fd, precision, recall, [classifier_agreement], sample_s} of `num`
-    samples drawn with `sampler` over `steps` steps."""
+    samples drawn with `sampler` over `steps` steps; with a feature cache (`cache`, else the
+    config's sampler.cache) also {cache, full_network_equivalents}."""
     featurize, real_feats, _ = ref
     cfg = _sampler_config(run.config, sampler)
     t0 = time.time()
-    x, labels = commands.draw(cfg, run.model, run.process, run.params, num=num, seed=seed,
-                              steps=steps, guidance=guidance, mesh=run.mesh)
+    x, labels, cost = commands.draw_with_cost(cfg, run.model, run.process, run.params, num=num,
+                                              seed=seed, steps=steps, guidance=guidance,
+                                              mesh=run.mesh, cache=cache)
     row = {"sampler": sampler, "steps": steps, "sample_s": round(time.time() - t0, 2)}
+    if cost is not None:
+        row.update(cache=cost["cache"], full_network_equivalents=cost["full_network_equivalents"])
     row["nfe"] = quality.count_nfe(run.process, cfg.loss.prediction, sampler=sampler,
                                    steps=steps, shape=build.data_info(cfg)["shape"],
                                    schedule=cfg.sampler.schedule, options=cfg.sampler.options)
@@ -119,7 +123,7 @@ def nll_of(run, *, num, seed, divergence):
 
 
 def evaluate(config, workdir, *, metrics, sampler, steps, num, seed, guidance, features,
-             inception_weights, split, divergence, out):
+             inception_weights, split, divergence, out, cache=None):
     """Writes the JSON report `out` of `metrics` for one sampler setting; returns it."""
     quality_metrics = {"fd", "pr"} & set(metrics)
     if quality_metrics:  # a missing weights file shows before the checkpoint is read
@@ -132,7 +136,7 @@ def evaluate(config, workdir, *, metrics, sampler, steps, num, seed, guidance, f
         report.update(ref[2], num_samples=num, seed=seed, schedule=config.sampler.schedule,
                       guidance=config.sampler.guidance if guidance is None else guidance)
         report.update(quality_of(run, ref, metrics=metrics, sampler=sampler, steps=steps,
-                                 num=num, seed=seed, guidance=guidance))
+                                 num=num, seed=seed, guidance=guidance, cache=cache))
     if "nll" in metrics:
         report.update(split=split, **nll_of(run, num=num, seed=seed, divergence=divergence))
     commands.write_json(out, report)
@@ -143,7 +147,7 @@ def evaluate(config, workdir, *, metrics, sampler, steps, num, seed, guidance, f
 
 
 def sweep(config, workdir, *, metrics, samplers, steps_list, num, seed, guidance, features,
-          inception_weights, split, out):
+          inception_weights, split, out, cache=None):
     """Quality of every sampler at every step count: `out`.json (rows), `out`.md (table of
     FD and NFE), `out`.png (FD vs NFE); returns the rows."""
     adaptive = [s for s in samplers if s in quality.ADAPTIVE]
@@ -157,7 +161,7 @@ def sweep(config, workdir, *, metrics, samplers, steps_list, num, seed, guidance
     for sampler in samplers:
         for steps in steps_list:
             rows.append(quality_of(run, ref, metrics=metrics, sampler=sampler, steps=steps,
-                                   num=num, seed=seed, guidance=guidance))
+                                   num=num, seed=seed, guidance=guidance, cache=cache))
             _say(json.dumps(rows[-1]))
     head = dict(workdir=workdir, step=run.step, dataset=config.data.name, num_samples=num,
                 seed=seed, schedule=config.sampler.schedule,

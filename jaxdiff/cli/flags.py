@@ -23,6 +23,9 @@ flags.DEFINE_string("sampler_file", None, "sample: a learned solver file (jaxdif
 flags.DEFINE_string("scheduler_config", None, "sample: a diffusers scheduler_config.json: its "
                     "sampler, noise-level grid and initial-noise scale, for --steps steps "
                     "(jaxdiff.interop.diffusers).")
+flags.DEFINE_string("cache", None, "sample and eval: a feature cache, NAME[:KEY=VALUE,...], e.g. "
+                    "deepcache:interval=3 (default: the config's sampler.cache, if any; none: "
+                    "no cache); see jaxdiff.accel.cache.")
 flags.DEFINE_string("steps", None, "sample/eval: number of sampler steps (default: the "
                     "config's); eval sweep: a list, e.g. 5,10,20,50.")
 flags.DEFINE_integer("num", None, f"sample: number of samples (default {NUM['sample']}); eval: "
@@ -200,6 +203,11 @@ def check_flags(command):
     """The flags' formats and the paths to write, before anything heavy is imported."""
     if command != "train" and command != "plot":
         _check_sampling_flags(command)
+    elif FLAGS.cache is not None:
+        where = ("; training-time samples take the config's: --config.sampler.cache="
+                 f"{FLAGS.cache}" if command == "train" else "")
+        raise ValueError(f"--cache={FLAGS.cache}: it is a flag of jaxdiff sample and eval, not "
+                         f"of jaxdiff {command}{where}")
     if FLAGS.scheduler_config is not None:
         _check_scheduler_config(command)
     if command.startswith("eval"):
@@ -215,6 +223,19 @@ def _check_sampling_flags(command):
         raise ValueError(f"--seed={FLAGS.seed} must be an integer in [0, 2**63 - 1)")
     if FLAGS.steps is not None:
         parse_steps(FLAGS.steps, many=command == "eval sweep")
+    if FLAGS.cache is not None:
+        parse_cache_flag(FLAGS.cache)
+
+
+def parse_cache_flag(text):
+    """--cache: `jaxdiff.accel.cache.parse_cache`'s (name, settings), or None for "none"; its
+    error names the flag. (Imports jax, only when the flag is given.)"""
+    from jaxdiff.accel.cache import parse_cache
+
+    try:
+        return parse_cache(text)
+    except ValueError as e:
+        raise ValueError(f"--cache={text}: {first_line(e)}") from None
 
 
 def _check_scheduler_config(command):

@@ -54,6 +54,8 @@ flags:
   --sampler_file FILE      a learned solver (jaxdiff tune-sampler): its grid and steps
   --scheduler_config FILE  a diffusers scheduler_config.json: its sampler, grid and options
                            (with --steps N; the run's process and prediction must match)
+  --cache SPEC             a feature cache, NAME[:KEY=VALUE,...], e.g. deepcache:interval=3
+                           (default: the config's sampler.cache; none: no cache)
 
 example:
   jaxdiff sample --workdir runs/digits --sampler dpmpp_2m --steps 20 --num 64 --out grid.png""",
@@ -72,6 +74,7 @@ flags:
   --guidance S             class-conditional models: guidance scale (1 = none)
   --features NAME          digits, raw or inception (needs --inception_weights FILE)
   --split NAME             the real data to compare with (default test)
+  --cache SPEC             fd/pr: a feature cache, e.g. deepcache:interval=3 (as for sample)
   --divergence NAME        nll: exact, hutchinson or auto (default)
   --out FILE.json          the report (default: DIR/eval/eval_<time>.json)
 
@@ -89,7 +92,7 @@ flags:
   --steps LIST             step counts (default 5,10,20,50)
   --num N                  samples per cell (default 1000)
   --metrics LIST           fd and/or pr (default fd,pr)
-  --seed N, --guidance S, --features NAME, --split NAME: as for jaxdiff eval
+  --seed N, --guidance S, --features NAME, --split NAME, --cache SPEC: as for jaxdiff eval
   --out PREFIX             path prefix of the outputs (default: DIR/eval/sweep)
 
 example:

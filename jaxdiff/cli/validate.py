@@ -30,14 +30,15 @@ from jaxdiff.train.loop import check_loop
 SECTIONS = ("model", "process", "loss", "sampler", "optim", "data", "train", "mesh")
 KEYS = {  # the sections with a fixed set of keys (model and process fields depend on the name)
     "loss": ("prediction", "weighting", "time_sampling", "p_uncond"),
-    "sampler": ("name", "steps", "schedule", "guidance", "options"),
+    "sampler": ("name", "steps", "schedule", "guidance", "options", "cache"),
     "optim": ("lr", "warmup_steps", "schedule", "weight_decay", "grad_clip", "ema_decays"),
     "data": ("name", "batch_size", "random_flip", "data_dir", "latent_shape"),
     "train": ("steps", "seed", "log_every", "ckpt_every", "keep", "sample_every", "num_samples",
               "skip_nonfinite"),
     "mesh": tuple(parallel.AXES),
 }
-OPTIONAL = {"data.latent_shape", "train.skip_nonfinite", "mesh.data", "mesh.fsdp", "mesh.tensor"}
+OPTIONAL = {"data.latent_shape", "train.skip_nonfinite", "mesh.data", "mesh.fsdp", "mesh.tensor",
+            "sampler.cache"}
 LOOP_KEYS = {"total_steps": "train.steps", "log_every": "train.log_every",  # check_loop's names
              "ckpt_every": "train.ckpt_every", "keep": "train.keep",
              "sample_every": "train.sample_every"}
@@ -60,6 +61,7 @@ def check_config(config):
     _check_classes(config, info)
     _check_sampler(config, process, info["shape"])
     _check_model(config, info["shape"])
+    _check_cache(config)
 
 
 def _check_loop(config):
@@ -310,6 +312,25 @@ def _check_model(config, shape):
         keys = ", ".join(f"model.{k}={m[k]!r}" for k in SHAPE_KEYS if k in m)
         raise ValueError(f"model.name={m.name!r} ({keys}) cannot take data.name="
                          f"{config.data.name!r} of shape {shape}: {_line(e)}") from None
+
+
+def _check_cache(config):
+    """sampler.cache (optional; None: no cache): a spec `jaxdiff.accel.cache.parse_cache` reads,
+    for this model's backbone, with settings in range, under a fixed-grid sampler."""
+    from jaxdiff.accel.cache import check_cache, parse_cache
+
+    spec = config.sampler.get("cache")
+    try:
+        parsed = parse_cache(spec)
+        if parsed is None:
+            return
+        name, settings = parsed
+        check_cache(name, build.model(config), settings)
+    except ValueError as e:
+        raise ValueError(f"sampler.cache={spec!r}: {_line(e)}") from None
+    if config.sampler.name == "ode":
+        raise ValueError(f"sampler.cache={spec!r} needs a fixed-grid sampler: sampler.name='ode' "
+                         "(diffrax, adaptive) cannot carry a cache's state; allowed: None")
 
 
 def _check_attention(config, shape):
