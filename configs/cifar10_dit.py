@@ -22,7 +22,7 @@ def get_config():
     c.process = dict(name="rectified_flow", time_scale=1000.0)
     c.loss = dict(prediction="flow", weighting="uniform", time_sampling="logit_normal",
                   p_uncond=0.1)
-    # cache: None, or a feature cache (jaxdiff/accel/cache.py), e.g. "taylorseer:interval=4"
+    # cache: None, or a feature cache (jaxdiff/accel/cache.py), e.g. "taylorseer:interval=3"
     c.sampler = dict(name="heun", steps=25, schedule="shift", guidance=2.0, options={},
                      cache=placeholder(str))
     c.optim.update(lr=1e-4, warmup_steps=5000, schedule="constant")

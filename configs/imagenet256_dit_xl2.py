@@ -23,7 +23,7 @@ def get_config():
                    remat=False)
     c.process = dict(name="discrete_vp", beta_schedule="linear")
     c.loss = dict(prediction="eps", weighting="uniform", time_sampling="uniform", p_uncond=0.1)
-    # cache: None, or a feature cache (jaxdiff/accel/cache.py), e.g. "taylorseer:interval=4"
+    # cache: None, or a feature cache (jaxdiff/accel/cache.py), e.g. "taylorseer:interval=3"
     c.sampler = dict(name="ddim", steps=250, schedule="trailing", guidance=1.5, options={},
                      cache=placeholder(str))
     c.optim.update(lr=1e-4, warmup_steps=0, schedule="constant", ema_decays=(0.9999,))

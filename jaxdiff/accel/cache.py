@@ -47,12 +47,14 @@ from jaxdiff.core.denoiser import Stateful
 from jaxdiff.models.dit import DiT
 from jaxdiff.models.unet import UNet
 
-# name -> (model class, {setting: default}); the defaults are typical values from the papers'
-# experiments, not yet tuned on the testbed
+# name -> (model class, {setting: default}): values from the papers' experiments, checked on
+# the testbed (benchmarks/caching.py, RESULTS.md "Feature caches"): TaylorSeer at interval 3
+# (2.9x at 50 steps, FD unchanged; interval 4 drifts at 10-20 steps); DeepCache gains most
+# from a non-uniform `full_calls` schedule (`full_calls_from_changes`)
 CACHES = {
     "deepcache": (UNet, dict(interval=3, skip_level=0, full_calls=None)),
     "fbcache": (DiT, dict(threshold=0.08)),
-    "taylorseer": (DiT, dict(interval=4, order=2)),
+    "taylorseer": (DiT, dict(interval=3, order=2)),
     "delta_dit": (DiT, dict(interval=2, boundary=10, blocks=1)),
 }
 
