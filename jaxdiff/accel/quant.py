@@ -1,0 +1,299 @@
+"""Post-training quantization of the UNet and the DiT through qwix, with timestep-aware
+calibration.
+
+qwix (google/qwix, Apache-2.0) intercepts the network's `dot_general` and `conv_general_dilated`
+calls and quantizes their weights (per output channel, absmax) and input activations. Dynamic
+activation scales are computed per call; static ones come from calibration statistics (qwix's
+`QtProvider` collects them, `quantize_params` turns them into scales). This module adds what
+diffusion needs on top:
+
+- schemes (`SCHEMES`): W8A8, W4A8, W4A16, W8A16 (weight-only), fp8 (e4m3 weights and
+  activations), W4A4; `"bf16"` casts the network (parameters and compute) to bfloat16;
+- sensitive layers kept in full precision by default (`KEEP`: the time, label and patch
+  embeddings, the first and last layers, the adaLN / AdaGN modulation projections), as PTQ4DM,
+  Q-Diffusion and ViDiT-Q do; attention's activation-activation einsums are not quantized;
+- calibration on the sampling trajectory: `record_calls` is a `Stateful` network that stores the
+  inputs of every model call of a `jaxdiff.sample` run (under CFG the [x; x] batch), and
+  `quantize(..., calibration="static")` computes one static scale per op from all of them;
+- per-timestep scales (PTQ4DM / Q-Diffusion's observation that activation ranges drift with the
+  noise level): `calibration="timestep", groups=G` splits the recorded calls into G groups of
+  neighbouring noise levels, calibrates each, and the network selects the group's scales from
+  its conditioning input t inside the compiled sampler (`TimestepParams`); the quantized weights
+  are shared, only the activation scales are stacked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.core.denoiser import Stateful
+
+# scheme -> (weight qtype, activation qtype or None: weight-only)
+SCHEMES = {
+    "w8a8": ("int8", "int8"),
+    "w4a8": ("int4", "int8"),
+    "w4a16": ("int4", None),
+    "w8a16": ("int8", None),
+    "fp8": ("float8_e4m3fn", "float8_e4m3fn"),
+    "w4a4": ("int4", "int4"),
+    "bf16": (None, None),
+}
+CALIBRATIONS = ("dynamic", "static", "timestep")
+# module paths kept in full precision (qwix's "/"-joined Flax module path; full match)
+KEEP = (r"(t_embedder|y_embedder|x_embedder|final_layer|time_embed|label_embed|conv_in|"
+        r"conv_out)(/.*)?|.*(adaLN_modulation|emb_proj).*")
+
+
+def check_scheme(scheme, calibration="dynamic", groups=1):
+    """One-line ValueError for an unknown scheme or calibration, or groups out of range."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantization scheme {scheme!r} is unknown; allowed: "
+                         f"{', '.join(SCHEMES)}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration {calibration!r} is unknown; allowed: "
+                         f"{', '.join(CALIBRATIONS)}")
+    if calibration != "dynamic" and SCHEMES[scheme][1] is None:
+        raise ValueError(f"calibration={calibration!r} needs quantized activations; scheme "
+                         f"{scheme!r} quantizes weights only (allowed: 'dynamic')")
+    if not (isinstance(groups, (int, np.integer)) and groups >= 1):
+        raise ValueError(f"groups={groups!r} must be an integer >= 1")
+    if groups > 1 and calibration != "timestep":
+        raise ValueError(f"groups={groups} needs calibration='timestep', not {calibration!r}")
+
+
+def rules(scheme, calibration="dynamic", keep=KEEP):
+    """qwix's quantization rules for a scheme: the `keep` modules first (matched, nothing
+    quantized), then every weight op of the others."""
+    import qwix
+
+    check_scheme(scheme, calibration)
+    weight, act = SCHEMES[scheme]
+    static = (calibration != "dynamic") if act is not None else None
+    out = [qwix.QuantizationRule(module_path=keep)] if keep else []
+    out.append(qwix.QuantizationRule(module_path=".*", op_names=("dot_general",),
+                                     weight_qtype=weight, act_qtype=act, act_static_scale=static))
+    # qwix's PTQ convolution needs one type for weights and activations: a wXaY conv runs as
+    # wYaY on kernels rounded to the wX grid first (`conv_weight_grid`), a weight-only one in
+    # float on rounded kernels
+    if act is not None:
+        out.append(qwix.QuantizationRule(module_path=".*", op_names=("conv_general_dilated",),
+                                         weight_qtype=act, act_qtype=act,
+                                         act_static_scale=static))
+    return out
+
+
+def conv_weight_grid(params, scheme, keep=KEEP):
+    """params with every convolution kernel (4-D "kernel" outside `keep`) rounded to the
+    scheme's weight grid (symmetric, per output channel, absmax) where qwix's convolution
+    cannot hold that type itself (weights and activations of different types); else params."""
+    import re
+
+    weight, act = SCHEMES[scheme]
+    if weight is None or weight == act:
+        return params
+
+    def grid(path, w):
+        module = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+        if getattr(path[-1], "key", None) != "kernel" or w.ndim != 4 or (
+                keep and re.fullmatch(keep, module)):
+            return w
+        qmax = 2.0 ** (jnp.iinfo(jnp.dtype(weight)).bits - 1) - 1
+        scale = jnp.max(jnp.abs(w), axis=(0, 1, 2), keepdims=True) / qmax
+        scale = jnp.where(scale == 0, 1.0, scale)
+        return (jnp.clip(jnp.round(w / scale), -qmax, qmax) * scale).astype(w.dtype)
+
+    return jax.tree_util.tree_map_with_path(grid, params)
+
+
+# --- recording the calibration inputs ------------------------------------------------------------
+
+def record_calls(model_fn, x, t, *args, capacity):
+    """A `Stateful` network that calls `model_fn` and records each call's inputs: after
+    `jaxdiff.sample`, `state["x"][:calls]`, `state["t"][:calls]`, `state["args"]` (each with a
+    leading call axis) hold up to `capacity` calls. `x, t, args`: an input as the model gets it
+    (under CFG the 2B rows of [x; x])."""
+    if not isinstance(model_fn, jax.tree_util.Partial):  # a jit argument: its params as data
+        model_fn = jax.tree_util.Partial(model_fn)
+    buf = lambda a: jnp.zeros((capacity,) + jnp.shape(a), jnp.asarray(a).dtype)
+    init = dict(calls=jnp.zeros((), jnp.int32), x=buf(x), t=buf(t),
+                args=tuple(buf(a) for a in args))
+
+    def fn(model_fn, x, t, *args_state):
+        *args, state = args_state
+        i = jnp.minimum(state["calls"], capacity - 1)
+        new = dict(calls=state["calls"] + 1, x=state["x"].at[i].set(x),
+                   t=state["t"].at[i].set(jnp.broadcast_to(t, state["t"].shape[1:])),
+                   args=tuple(b.at[i].set(a) for b, a in zip(state["args"], args)))
+        return model_fn(x, t, *args), new
+
+    return Stateful(jax.tree_util.Partial(fn, model_fn), init)
+
+
+def recorded(state):
+    """(x, t, args) of the recorded calls, each with a leading call axis, as numpy."""
+    n = int(state["calls"])
+    cap = state["x"].shape[0]
+    if n > cap:
+        raise ValueError(f"the recorder holds {cap} calls and the run made {n}; make it with "
+                         f"capacity >= {n}")
+    return (np.asarray(state["x"][:n]), np.asarray(state["t"][:n]),
+            tuple(np.asarray(a[:n]) for a in state["args"]))
+
+
+# --- quantized networks ---------------------------------------------------------------------------
+
+@jax.tree_util.register_pytree_node_class
+class TimestepParams:
+    """Quantized params with per-timestep-group activation scales: the leaves that differ between
+    groups are stacked (group axis first, groups in increasing t), the others shared;
+    `select(t)` gives the params of the group whose t-interval holds mean(t)."""
+
+    def __init__(self, leaves, bounds, stacked, treedef):
+        self.leaves, self.bounds, self.stacked, self.treedef = leaves, bounds, stacked, treedef
+
+    def tree_flatten(self):
+        return (self.leaves, self.bounds), (self.stacked, self.treedef)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], children[1], *aux)
+
+    @classmethod
+    def stack(cls, trees, bounds):
+        flat = [jax.tree.flatten(tr) for tr in trees]
+        treedef = flat[0][1]
+        leaves, stacked = [], []
+        for group in zip(*(f[0] for f in flat)):
+            same = all(np.array_equal(np.asarray(group[0]), np.asarray(g)) for g in group[1:])
+            leaves.append(group[0] if same else jnp.stack(group))
+            stacked.append(not same)
+        return cls(tuple(leaves), jnp.asarray(bounds, jnp.float32), tuple(stacked), treedef)
+
+    @property
+    def groups(self):
+        return int(self.bounds.shape[0]) + 1
+
+    def select(self, t):
+        g = jnp.searchsorted(self.bounds, jnp.mean(jnp.asarray(t, jnp.float32)))
+        leaves = [jax.lax.dynamic_index_in_dim(leaf, g, keepdims=False) if s else leaf
+                  for leaf, s in zip(self.leaves, self.stacked)]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedApply:
+    """`model_fn(x, t, *args)` of a quantized model, params first (a `jax.tree_util.Partial`
+    with the params as data); the output in float32."""
+
+    model: Any
+
+    def __call__(self, params, x, t, *args):
+        if isinstance(params, TimestepParams):
+            params = params.select(t)
+        return self.model.apply({"params": params}, x, t, *args).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """A quantized network: `model_fn` for `jaxdiff.sample`, the quantized Flax module and its
+    params (`TimestepParams` under per-timestep calibration), and how it was made."""
+
+    model: Any
+    params: Any
+    scheme: str
+    calibration: str
+    groups: int = 1
+
+    @property
+    def model_fn(self):
+        return jax.tree_util.Partial(QuantizedApply(self.model), self.params)
+
+
+def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, groups=1,
+             keep=KEEP, batch=256):
+    """`model` (a Flax UNet or DiT) with `variables` ({"params": ...}) quantized by `scheme`.
+
+    calibration: "dynamic" (activation scales computed at every call), "static" (one scale per
+    op from `inputs`) or "timestep" (`groups` sets of scales, each from the recorded calls of
+    neighbouring noise levels, selected by t at run time). inputs: `recorded(state)` of a
+    `record_calls` sampling run, (x, t, args) with a leading call axis. batch: rows per
+    calibration forward pass."""
+    check_scheme(scheme, calibration, groups)
+    params = variables["params"]
+    if scheme == "bf16":
+        cast = jax.tree.map(lambda a: a.astype(jnp.bfloat16)
+                            if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+        return Quantized(model.clone(dtype=jnp.bfloat16), cast, scheme, calibration)
+    import qwix
+
+    params = conv_weight_grid(params, scheme, keep)
+    ptq = qwix.quantize_model(model, qwix.PtqProvider(rules(scheme, calibration, keep)))
+    if calibration == "dynamic":
+        example = _example(model, params, inputs)
+        abstract = jax.eval_shape(ptq.init, jax.random.key(0), *example)["params"]
+        return Quantized(ptq, qwix.quantize_params(params, abstract), scheme, calibration)
+    if inputs is None:
+        raise ValueError(f"calibration={calibration!r} needs inputs= (recorded model calls: "
+                         "jaxdiff.accel.quant.record_calls, then recorded(state))")
+    xs, ts, args = inputs
+    calls = np.argsort(_level(ts), kind="stable")  # increasing t
+    chunks = np.array_split(calls, groups if calibration == "timestep" else 1)
+    if any(len(c) == 0 for c in chunks):
+        raise ValueError(f"groups={groups} is more than the {len(calls)} recorded calls")
+    qt = qwix.quantize_model(model, qwix.QtProvider(rules(scheme, calibration, keep)))
+    first = (xs[0][:1], ts[0][:1], *(a[0][:1] for a in args))
+    stats0 = qt.init(jax.random.key(0), *first)["quant_stats"]
+    abstract = jax.eval_shape(ptq.init, jax.random.key(0), *first)["params"]
+
+    @jax.jit
+    def update(stats, x, t, *a):
+        _, new = qt.apply({"params": params, "quant_stats": stats}, x, t, *a,
+                          mutable=["quant_stats"])
+        return new["quant_stats"]
+
+    trees = []
+    for chunk in chunks:
+        stats = stats0
+        for i in chunk:
+            for lo in range(0, xs.shape[1], batch):
+                rows = slice(lo, lo + batch)
+                stats = update(stats, xs[i][rows], ts[i][rows], *(a[i][rows] for a in args))
+        trees.append(qwix.quantize_params(params, abstract, stats))
+    if calibration == "static":
+        return Quantized(ptq, trees[0], scheme, calibration)
+    level = _level(ts)
+    bounds = [(level[a[-1]] + level[b[0]]) / 2 for a, b in zip(chunks, chunks[1:])]
+    return Quantized(ptq, TimestepParams.stack(trees, bounds), scheme, calibration, groups)
+
+
+def _level(ts):
+    """Each recorded call's conditioning value (the mean over its rows)."""
+    return np.asarray(ts, np.float64).reshape(len(ts), -1).mean(axis=1)
+
+
+def _example(model, params, inputs):
+    if inputs is not None:
+        xs, ts, args = inputs
+        return (xs[0][:1], ts[0][:1], *(a[0][:1] for a in args))
+    raise ValueError("quantize needs inputs= (recorded model calls) to know the input shape")
+
+
+def param_bytes(params):
+    """Bytes of a (quantized) parameter tree at its dtypes' bit widths (int4: half a byte)."""
+    total = 0.0
+    for leaf in jax.tree.leaves(params):
+        dtype = jnp.dtype(leaf.dtype)
+        bits = (jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer)
+                else jnp.finfo(dtype).bits)
+        total += np.prod(leaf.shape) * bits / 8
+    return int(total)
+
+
+__all__ = ["CALIBRATIONS", "KEEP", "SCHEMES", "Quantized", "QuantizedApply", "TimestepParams",
+           "check_scheme", "conv_weight_grid", "param_bytes", "quantize", "record_calls",
+           "recorded", "rules"]

@@ -1,0 +1,140 @@
+"""Post-training quantization (`jaxdiff.accel.quant`, on qwix): error bounds per scheme, ordered
+by bit width; per-timestep scales selected by the step's noise level inside jit (a network whose
+activation range grows with t); sensitive layers stay in full precision; the recorder stores
+what the sampler fed the network; bad settings give one-line errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("qwix")
+
+import jaxdiff  # noqa: E402
+from jaxdiff.accel import quant  # noqa: E402
+from jaxdiff.core.guidance import CFG  # noqa: E402
+from jaxdiff.models import DiT  # noqa: E402
+
+DIT = DiT(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+X = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+T = jnp.linspace(-1.0, 1.0, 4)
+Y = jnp.array([0, 1, 2, 0])
+
+
+def _variables(model, *inputs, seed=1):
+    """Host-drawn parameters (a fresh init outputs zeros through the adaLN-zero layers)."""
+    rng = np.random.default_rng(seed)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *inputs))
+    return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), shapes)
+
+
+VARS = _variables(DIT, X, T, Y)
+INPUTS = (np.asarray(X)[None], np.asarray(T)[None], (np.asarray(Y)[None],))  # one "call"
+
+
+def _rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def test_forward_error_per_scheme_is_bounded_and_ordered_by_bits():
+    ref = DIT.apply(VARS, X, T, Y)
+    err = {s: _rel(quant.quantize(DIT, VARS, s, inputs=INPUTS, keep=None).model_fn(X, T, Y), ref)
+           for s in ("w8a8", "w8a16", "w4a16", "w4a8", "fp8", "bf16")}
+    # 8-bit: ~1 % per layer (step absmax/127 on ~Gaussian weights), over the 2 blocks' layers
+    assert 1e-3 < err["w8a16"] < 0.05 and err["w8a8"] < 0.06 and err["bf16"] < 0.03, err
+    assert err["w4a16"] < 0.4 and err["fp8"] < 0.2, err
+    # 4 bits: a 127/7 times coarser step; activations at 8 bits add little to int4 weights
+    assert 5 < err["w4a16"] / err["w8a16"] < 25, err
+    assert err["w8a16"] <= err["w8a8"] and err["w4a8"] < 1.2 * err["w4a16"], err
+
+
+class Ramp(nn.Module):
+    """A network whose activation range grows with t: fc sees x · exp(3t)."""
+
+    @nn.compact
+    def __call__(self, x, t):
+        return nn.Dense(4, name="fc")(x * jnp.exp(3.0 * t)[:, None])
+
+
+def test_timestep_scales_are_selected_by_the_noise_level_inside_jit():
+    ramp = Ramp()
+    # +-1 entries: every row's absmax is 1, so qwix's static scale (the mean over rows of each
+    # row's absmax) is exact for a group of one noise level
+    x = jax.random.rademacher(jax.random.key(1), (64, 8), jnp.float32)
+    variables = _variables(ramp, x, jnp.zeros(64))
+    levels = np.array([-1.0, -1.0, 1.0, 1.0])  # two noise levels, two calls each
+    xs = np.stack([np.asarray(x)] * 4)
+    inputs = (xs, np.repeat(levels[:, None], 64, axis=1), ())
+    per_step = quant.quantize(ramp, variables, "w8a8", calibration="timestep", inputs=inputs,
+                              groups=2, keep=None)
+    static = quant.quantize(ramp, variables, "w8a8", calibration="static", inputs=inputs,
+                            keep=None)
+    params = per_step.params
+    assert params.groups == 2 and np.allclose(params.bounds, [0.0])
+    assert any(params.stacked) and not all(params.stacked)  # scales stacked, weights shared
+
+    @jax.jit
+    def run(fn, t):
+        return fn(x, jnp.full(64, t))
+
+    for t in (-1.0, 1.0):
+        ref = ramp.apply(variables, x, jnp.full(64, t))
+        e_step, e_static = _rel(run(per_step.model_fn, t), ref), _rel(run(static.model_fn, t), ref)
+        assert e_step < 0.02, (t, e_step)
+        if t < 0:  # the averaged static scale is ~10x too coarse for the small activations
+            assert e_static > 3 * e_step, (t, e_static, e_step)
+    picked = jax.jit(params.select)(jnp.full(64, 1.0))
+    want = jax.tree.unflatten(params.treedef, [leaf[1] if s else leaf for leaf, s in
+                                               zip(params.leaves, params.stacked)])
+    for a, b in zip(jax.tree.leaves(picked), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sensitive_layers_stay_in_full_precision():
+    q = quant.quantize(DIT, VARS, "w8a8", inputs=INPUTS)
+    for name in ("t_embedder", "y_embedder", "x_embedder", "final_layer"):
+        for a, b in zip(jax.tree.leaves(q.params[name]), jax.tree.leaves(VARS["params"][name])):
+            assert a.dtype == jnp.float32
+            np.testing.assert_array_equal(a, b)
+    mod = jax.tree.leaves(q.params["blocks.0"]["adaLN_modulation.1"])
+    assert all(a.dtype == jnp.float32 for a in mod)
+    fc1 = jax.tree.leaves(q.params["blocks.0"]["mlp"]["fc1"])
+    assert any(a.dtype == jnp.int8 for a in fc1)
+    full = quant.quantize(DIT, VARS, "w8a8", inputs=INPUTS, keep=None)
+    assert quant.param_bytes(full.params) < quant.param_bytes(q.params)
+
+
+def test_recorder_stores_what_the_sampler_fed_the_network():
+    def net(x, t, y):
+        return DIT.apply(VARS, x, t, y)
+
+    guide = CFG(scale=2.0, y=Y, y_null=jnp.full(4, 3))
+    kw = dict(process=jaxdiff.EDM(), prediction="edm", sampler="euler", steps=3, guidance=guide)
+    example = (jnp.zeros((8, 8, 8, 1)), jnp.zeros(8), jnp.zeros(8, jnp.int32))
+    out, state = jaxdiff.sample(quant.record_calls(net, *example, capacity=4), X, **kw)
+    np.testing.assert_allclose(out, jaxdiff.sample(net, X, **kw), atol=1e-6)
+    xs, ts, (ys,) = quant.recorded(state)
+    assert xs.shape == (3, 8, 8, 8, 1) and ts.shape == (3, 8) and ys.shape == (3, 8)
+    np.testing.assert_array_equal(ys[0], np.r_[np.asarray(Y), [3, 3, 3, 3]])  # [y; y_null]
+    assert np.all(np.diff(ts[:, 0]) < 0)  # decreasing noise levels
+    np.testing.assert_array_equal(xs[:, :4], xs[:, 4:])  # [x; x]
+    _, state = jaxdiff.sample(quant.record_calls(net, *example, capacity=2), X, **kw)
+    with pytest.raises(ValueError, match=r"holds 2 calls and the run made 3; .*capacity >= 3"):
+        quant.recorded(state)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(scheme="w3a8"), r"scheme 'w3a8' is unknown; allowed: w8a8, w4a8"),
+    (dict(scheme="w8a8", calibration="minmax"), r"calibration 'minmax' is unknown"),
+    (dict(scheme="w4a16", calibration="static"), r"quantizes weights only"),
+    (dict(scheme="w8a8", calibration="static", groups=2), r"groups=2 needs calibration="),
+    (dict(scheme="w8a8", calibration="timestep", groups=0), r"groups=0 must be an integer"),
+    (dict(scheme="w8a8", calibration="static", inputs=None), r"needs inputs="),
+    (dict(scheme="w8a8", calibration="timestep", groups=3), r"groups=3 is more than the 1"),
+])
+def test_bad_settings_one_line_errors(kwargs, match):
+    kwargs = dict(dict(inputs=INPUTS), **kwargs)
+    with pytest.raises(ValueError, match=match) as err:
+        quant.quantize(DIT, VARS, kwargs.pop("scheme"), **kwargs)
+    assert "\n" not in str(err.value)
