@@ -24,6 +24,7 @@ setup(
         "scikit-learn>=1.3",
         "pillow>=10.0",
         "matplotlib>=3.8",  # eval sweep / plot figures
+        "qwix==0.1.8",  # post-training quantization (jaxdiff.accel.quant, jaxdiff quantize)
     ],
     package_data={"jaxdiff.eval": ["digits_features.npz"]},
     entry_points={"console_scripts": ["jaxdiff=jaxdiff.cli:main"]},

@@ -121,3 +121,32 @@ def write_json(out_dir, name, payload):
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     return path
+
+
+def save_json(path, obj):
+    """Writes obj to path atomically (a killed run never leaves a half-written file); numpy and
+    jax scalars and arrays become numbers and lists."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(v):
+    import numpy as np
+
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, (np.ndarray, jax.Array)):
+        return np.asarray(v).tolist()
+    raise TypeError(f"not JSON: {type(v).__name__}")
+
+
+def load_json(path):
+    """The JSON in path, or None when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

@@ -80,21 +80,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 log = _timing.progress
 
 
-def write_json(path, obj):
-    """Atomic: a killed run never leaves a half-written file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 class Model:
@@ -167,7 +152,7 @@ def runs_for(name, steps, base_steps):
 def score_runs(model, runs, folder, num, time_num):
     """FD / agreement / full passes of every run (cached in folder/scores.json)."""
     path = os.path.join(folder, f"scores_{model.name}.json")
-    done, ref = read_json(path) or {}, None
+    done, ref = _timing.load_json(path) or {}, None
     ref_path = os.path.join(folder, f"reference_{model.name}_{num}.npy")
     # the reference first: the uncached run with the most steps
     top = max((r for r in runs if r["cache"] is None), key=lambda r: r["steps"])
@@ -201,7 +186,7 @@ def score_runs(model, runs, folder, num, time_num):
         keep = ("resolved", "profile", "dev", "fd", "fd_real", "agreement", "calls", "fulls",
                 "fne", "flops_full", "flops_skipped")
         done[r["key"]] = {k: r[k] for k in keep if k in r}
-        write_json(path, done)
+        _timing.save_json(path, done)
         log(f"{model.name} {r['label']}: FD {r['fd']:.2f}, dev {r['dev']:.4f}, agreement "
             f"{r['agreement']:.3f}, {r['fulls']}/{r['calls']} full, FNE {r['fne']:.2f} "
             f"({time.perf_counter() - t0:.0f} s)")
@@ -212,7 +197,7 @@ def time_runs(model, runs, folder, num, repeats):
     folder/times.json with the machine)."""
     path = os.path.join(folder, f"times_{model.name}.json")
     keys = [r["key"] for r in runs]
-    done = read_json(path)
+    done = _timing.load_json(path)
     if not (done and done.get("repeats") == repeats and done.get("num") == num
             and set(keys) <= set(done["seconds"])):
         fns = {}
@@ -224,7 +209,7 @@ def time_runs(model, runs, folder, num, repeats):
             model.sample(model.network(r, num), num, 2)
         seconds = _timing.interleaved(fns, repeats=repeats, warmup=0)
         done = dict(repeats=repeats, num=num, machine=_timing.machine(), seconds=seconds)
-        write_json(path, done)
+        _timing.save_json(path, done)
     for r in runs:
         r["wall_s"] = statistics.median(done["seconds"][r["key"]])
     return done["machine"]
@@ -354,7 +339,7 @@ def main(argv=None):
         all_runs += runs
         report(all_runs, machine, os.path.join(args.out, f"{name}.md"),
                os.path.join(args.out, f"{name}.png"), args)
-    write_json(os.path.join(args.out, f"{name}.json"), dict(machine=machine, runs=all_runs))
+    _timing.save_json(os.path.join(args.out, f"{name}.json"), dict(machine=machine, runs=all_runs))
     with open(os.path.join(args.out, f"{name}.md")) as f:
         print(f.read())
 

@@ -41,6 +41,7 @@ import os
 import sys
 import time
 
+import _timing
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,29 +92,7 @@ def _hash(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def write_json(path, obj):
-    """Atomic: a killed run never leaves a half-written file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_jsonable)
-    os.replace(tmp, path)
 
-
-def _jsonable(v):
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, (np.ndarray, jax.Array)):
-        return np.asarray(v).tolist()
-    raise TypeError(f"not JSON: {type(v).__name__}")
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 # --- sampling and scoring ----------------------------------------------------------------------
@@ -190,14 +169,14 @@ def solver_row(m, kind, solver, budget):
 
 
 def cached_row(path, make, what):
-    row = read_json(path)
+    row = _timing.load_json(path)
     if row is not None:
         log(f"  {what}: cached FD {row['fd']:.3f} (agreement {row['agreement']:.3f})")
         return row
     t0 = time.perf_counter()
     row = make()
     row["row_s"] = round(time.perf_counter() - t0, 1)
-    write_json(path, row)
+    _timing.save_json(path, row)
     log(f"  {what}: FD {row['fd']:.3f} (agreement {row['agreement']:.3f}), NFE {row['nfe']}, "
         f"{row['row_s']:.1f} s")
     return row
@@ -276,7 +255,7 @@ class Calibration:
                     fit_options=FIT, solver_fit_code=FIT_CODE,
                     history_first_last=(history[0], history[-1]) if history else None)
         solver["fit"] = info
-        solver = json.loads(json.dumps(solver, default=_jsonable))  # JSON-ready, as stored
+        solver = json.loads(json.dumps(solver, default=_timing._jsonable))  # JSON-ready, as stored
         solver_fit.load_solver(solver)  # validates
         return solver
 
@@ -292,7 +271,7 @@ class Calibration:
             corr = solver_fit.corrector_coefficients(init, order)
         extra = dict(corrector=corr) if corr is not None else {}
         return json.loads(json.dumps(solver_fit.solver_dict(init, table, self.m.process,
-                                                            **extra), default=_jsonable))
+                                                            **extra), default=_timing._jsonable))
 
 
 def _fit_params():
@@ -301,7 +280,7 @@ def _fit_params():
 
 def cached_solver(path, key, cal, nfe, refit):
     """The solver at `path` if it was fitted with these settings (and still loads), else a fit."""
-    stored = None if refit else read_json(path)
+    stored = None if refit else _timing.load_json(path)
     if stored is not None and stored.get("key") == key:
         try:
             solver_fit.load_solver(stored["solver"])
@@ -315,7 +294,7 @@ def cached_solver(path, key, cal, nfe, refit):
             log(f"  fit NFE {nfe}: cached solver no longer loads ({e}); refitting")
     log(f"  fit NFE {nfe}: fitting ({json.dumps(FIT)})")
     solver = cal.fit(nfe)
-    write_json(path, dict(key=key, solver=solver))
+    _timing.save_json(path, dict(key=key, solver=solver))
     info = solver.get("fit") or {}
     log(f"  fit NFE {nfe}: {info.get('fit_s', float('nan')):.1f} s, {info.get('iterations')} "
         f"iterations (best {info.get('best_iteration')}), validation RMSE {_rmse_text(info)}")
@@ -536,12 +515,12 @@ def main(argv=None):
     with open(base + ".md.tmp", "w") as f:
         f.write(text)
     os.replace(base + ".md.tmp", base + ".md")
-    write_json(base + ".json", dict(table=table, results=results, fit=FIT, cal=CAL,
-                                    fixed=FIXED, schedules=SCHEDULES, num=NUM, seed=SEED,
-                                    wall_s=round(elapsed, 1),
-                                    computed_s=compute_seconds(results),
-                                    cpu_count=os.cpu_count(),
-                                    load_avg=[load0, os.getloadavg()[0]]))
+    _timing.save_json(base + ".json", dict(table=table, results=results, fit=FIT, cal=CAL,
+                                           fixed=FIXED, schedules=SCHEDULES, num=NUM, seed=SEED,
+                                           wall_s=round(elapsed, 1),
+                                           computed_s=compute_seconds(results),
+                                           cpu_count=os.cpu_count(),
+                                           load_avg=[load0, os.getloadavg()[0]]))
     plot(table, base + ".png")
     log(f"wrote {base}.md, .json, .png")
 

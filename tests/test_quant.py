@@ -138,3 +138,26 @@ def test_bad_settings_one_line_errors(kwargs, match):
     with pytest.raises(ValueError, match=match) as err:
         quant.quantize(DIT, VARS, kwargs.pop("scheme"), **kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_split_shortcut_is_the_same_function_with_two_activation_scales():
+    """Q-Diffusion's split: the decoder blocks' [h; skip] input as two convolutions (the same
+    function), so that static calibration gives the h and the skip channels their own scales."""
+    from jaxdiff.models import UNet
+    from jaxdiff.models.unet import split_skip_params
+
+    unet = UNet(channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                num_heads=2, norm_groups=4, num_classes=3)
+    variables = _variables(unet, X, T, Y)
+    split = split_skip_params(variables["params"], unet)
+    ref = unet.apply(variables, X, T, Y)
+    np.testing.assert_allclose(unet.clone(split_skips=True).apply({"params": split}, X, T, Y),
+                               ref, atol=1e-5, rtol=0)
+    assert set(split["up_0_res_0"]) >= {"conv_0_h", "conv_0_skip", "skip_h", "skip_skip"}
+    q = quant.quantize(unet, variables, "w8a8", calibration="static", inputs=INPUTS, split=True)
+    block = q.params["up_0_res_0"]
+    assert any("scale" in k for k in block["conv_0_h"]) and any(
+        "scale" in k for k in block["conv_0_skip"]), block.keys()
+    assert _rel(q.model_fn(X, T, Y), ref) < 0.1
+    with pytest.raises(ValueError, match=r"split=True is the UNet's split shortcut; got a DiT"):
+        quant.quantize(DIT, VARS, "w8a8", inputs=INPUTS, split=True)

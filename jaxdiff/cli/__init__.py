@@ -5,11 +5,18 @@
                    [--class 3 --guidance 2.0] --out grid.png
                    [--sampler_file solver.json | --scheduler_config scheduler_config.json]
                    [--cache deepcache:interval=3]      (a feature cache, jaxdiff.accel.cache)
+                   [--quantized DIR]                   (a jaxdiff quantize network)
     jaxdiff eval   --workdir runs/digits --metrics fd,pr,nll --sampler heun --steps 18
                    --num 1000 [--features inception --inception_weights pt_inception.pth]
-                   [--cache deepcache:interval=3] [--out report.json]
+                   [--cache deepcache:interval=3 | --quantized DIR] [--out report.json]
     jaxdiff eval sweep --workdir runs/digits --samplers ddim,heun,dpmpp_2m --steps 5,10,20,50
-                   --num 1000 [--cache ...] [--out runs/digits/eval/sweep]  (.md, .png, .json)
+                   --num 1000 [--cache ... | --quantized DIR]
+                   [--out runs/digits/eval/sweep]  (.md, .png, .json)
+    jaxdiff quantize --workdir runs/digits --scheme w8a8 [--calibration timestep --groups 4]
+                   [--calib 256] [--keep default|none] [--out DIR]
+                   (post-training quantization, jaxdiff.accel.quant; cli/quantize.py; default
+                   DIR: runs/digits/quantized/<scheme>-<calibration>[<groups>])
+    jaxdiff tune-sampler --workdir runs/digits --nfe 5  (a learned solver; cli/tune.py)
     jaxdiff plot   --workdir runs/digits [--out curves.png]
     jaxdiff help [COMMAND], jaxdiff COMMAND --help: that command's usage (usage.py); --helpfull
                    adds every flag
@@ -55,6 +62,9 @@ def main(argv=None):
     if argv[1:2] == ["tune-sampler"]:  # its own argparse flags (cli/tune.py)
         from jaxdiff.cli import tune
         return tune.main(argv[2:])
+    if argv[1:2] == ["quantize"]:  # its own argparse flags (cli/quantize.py)
+        from jaxdiff.cli import quantize
+        return quantize.main(argv[2:])
     shown = _help(argv[1:])
     if shown is not None:
         return shown
@@ -193,7 +203,7 @@ def _sample(run):
     run.sample(config, FLAGS.workdir, out=out_path("sample"), num=num, seed=FLAGS.seed,
                sampler=FLAGS.sampler, steps=steps, label=FLAGS["class"].value,
                guidance=FLAGS.guidance, sampler_file=FLAGS.sampler_file,
-               scheduler_config=scheduler, cache=FLAGS.cache)
+               scheduler_config=scheduler, cache=FLAGS.cache, quantized=FLAGS.quantized)
 
 
 def _scheduler_config():
@@ -263,7 +273,7 @@ def _eval(command):
     if {"fd", "pr"} & set(metrics):
         check_memory("--num", num, config, "the samples")
     common = dict(metrics=metrics, num=num, seed=FLAGS.seed, guidance=FLAGS.guidance,
-                  cache=FLAGS.cache,
+                  cache=FLAGS.cache, quantized=FLAGS.quantized,
                   features=FLAGS.features or quality.default_features(config.data.name),
                   inception_weights=FLAGS.inception_weights, split=FLAGS.split)
     if command == "eval sweep":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -107,7 +108,8 @@ def _check_resume(config, workdir, model, tx, info):
 
 
 def draw(config, model, process, params, *, num, seed, sampler=None, steps=None, label=None,
-         guidance=None, mesh=None, sampler_file=None, scheduler=None, cache=None):
+         guidance=None, mesh=None, sampler_file=None, scheduler=None, cache=None,
+         quantized=None):
     """num samples from `params`, data-parallel over `mesh` (default: every device on "data");
     class-conditional models get labels 0..K-1 cycled (or `label`) with classifier-free
     guidance at `guidance` (default: the config's).
@@ -123,26 +125,42 @@ def draw(config, model, process, params, *, num, seed, sampler=None, steps=None,
 
     `cache`: a feature cache spec (`jaxdiff.accel.cache.parse_cache`; "none": no cache), else
     the config's `sampler.cache` (optional); with one, the network is the cache and a line on
-    its cost is printed (`draw_with_cost`)."""
+    its cost is printed (`draw_with_cost`).
+
+    `quantized`: a `jaxdiff.accel.quant.Quantized` network (e.g. `quant_ckpt.load_quantized`)
+    sampled instead of `model` with `params` (which may then be None); not under a cache."""
     x, labels, _ = draw_with_cost(config, model, process, params, num=num, seed=seed,
                                   sampler=sampler, steps=steps, label=label, guidance=guidance,
                                   mesh=mesh, sampler_file=sampler_file, scheduler=scheduler,
-                                  cache=cache)
+                                  cache=cache, quantized=quantized)
     return x, labels
 
 
 def draw_with_cost(config, model, process, params, *, num, seed, sampler=None, steps=None,
                    label=None, guidance=None, mesh=None, sampler_file=None, scheduler=None,
-                   cache=None):
+                   cache=None, quantized=None, wrap=None):
     """`draw`'s (x, labels), and the feature cache's cost: None without a cache, else
     {cache: its spec, calls, fulls, full_network_equivalents} (`jaxdiff.accel.cache.cache_cost`),
-    also printed as one line on process 0."""
+    also printed as one line on process 0.
+
+    `quantized`: as for `draw`. `wrap(net, x, t, *args)` -> a `Stateful` network around the
+    network `net` (x, t, args: an input as the network gets it, under CFG the 2N rows of
+    [x; x]), e.g. `jaxdiff.accel.quant.record_calls`: sampling runs through it and its final
+    state comes back in place of the cost; not under a cache."""
     s = config.sampler
     parsed, what = _cache_spec(config, cache)
+    if parsed is not None and (quantized is not None or wrap is not None):
+        raise ValueError(f"{what}: a feature cache runs the float network; it cannot sample a "
+                         "quantized one (--quantized) or record calibration calls; allowed "
+                         "with them: --cache=none")
     mesh = parallel.make_mesh() if mesh is None else mesh
     padded = parallel.padded_size(num, mesh)
     shape = tuple(build.data_info(config)["shape"])
     noise = parallel.per_index_normal(jax.random.key(seed), padded, shape, mesh)
+    if quantized is not None:  # its params (qwix QArrays, TimestepParams) as the jit's data
+        params = None
+        quantized = dataclasses.replace(
+            quantized, params=jax.device_put(quantized.params, parallel.replicated(mesh)))
     params = jax.device_put(params, parallel.replicated(mesh))
     labels, guide = _labels(config, padded, label, guidance, mesh)
     run = dict(sampler=sampler or s.name, steps=steps or s.steps, schedule=s.schedule,
@@ -157,13 +175,17 @@ def draw_with_cost(config, model, process, params, *, num, seed, sampler=None, s
     if parsed is not None and run["sampler"] == "ode":
         raise ValueError(f"{what}: sampler 'ode' (diffrax, adaptive) cannot carry a cache's "
                          "state; allowed: a fixed-grid sampler (e.g. dpmpp_2m) or no cache")
+    rows = padded * (1 if labels is None else 2)  # under CFG: [x; x] with labels [y; y_null]
+    example = (np.zeros((rows,) + shape, np.float32), np.zeros(rows, np.float32),
+               *(() if labels is None else (np.zeros(rows, np.int32),)))
     with parallel.tracing_on(mesh):
         if parsed is None:
-            net = train_lib.network(model, params)
-        else:  # under CFG the network is called once on [x; x] with labels [y; y_null]
-            rows = padded * (1 if labels is None else 2)
-            example = (np.zeros((rows,) + shape, np.float32), np.zeros(rows, np.float32),
-                       *(() if labels is None else (np.zeros(rows, np.int32),)))
+            net = (train_lib.network(model, params) if quantized is None
+                   else quantized.model_fn)
+            if wrap is not None:
+                net = wrap(net, *example)
+                net = Stateful(net.fn, jax.device_put(net.init, parallel.replicated(mesh)))
+        else:
             try:
                 net = cache_lib.cache_for(parsed, model, {"params": params}, *example)
             except ValueError as e:
@@ -172,7 +194,7 @@ def draw_with_cost(config, model, process, params, *, num, seed, sampler=None, s
         out = jaxdiff.sample(net, noise, process=process, prediction=config.loss.prediction,
                              key=jax.random.key(seed + 1), guidance=guide, **run)
         if parsed is None:
-            x, cost = out, None
+            x, cost = out if wrap is not None else (out, None)
         else:  # (x, final state): what ran, against XLA's FLOPs of the two branches
             x, state = out
             flops = cache_lib.branch_flops(net, *example)
@@ -239,8 +261,33 @@ def scheduler_sampling(config, scheduler_config, steps=None):
     return s
 
 
+def load_quantized(config, directory):
+    """(model, process, `Quantized` network, its quant.json) of a quantized checkpoint
+    (`jaxdiff quantize`) for the run's `config`: refused in one line when it was made from
+    another architecture or for other input shapes."""
+    from jaxdiff.accel import quant_ckpt
+
+    model, process = build.model(config), build.process(config)
+    shape = tuple(build.data_info(config)["shape"])
+    example = (np.zeros((1,) + shape, np.float32), np.zeros(1, np.float32),
+               *((np.zeros(1, np.int32),) if classes(config) else ()))
+    try:
+        q = quant_ckpt.load_quantized(directory, model, example=example)
+    except quant_ckpt.QuantizedCheckpointError as e:
+        raise ValueError(f"--quantized={directory}: {first_line(e)}") from None
+    return model, process, q, quant_ckpt.read_info(directory)
+
+
+def quantized_summary(q, info, directory):
+    """What a report says of a quantized network: {path, scheme, calibration, groups,
+    param_bytes, step}."""
+    return {"path": os.path.abspath(directory), "scheme": q.scheme,
+            "calibration": q.calibration, "groups": q.groups,
+            "param_bytes": int(info["param_bytes"]), "step": info.get("meta", {}).get("step")}
+
+
 def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=None,
-           guidance=None, sampler_file=None, scheduler_config=None, cache=None):
+           guidance=None, sampler_file=None, scheduler_config=None, cache=None, quantized=None):
     """Loads the EMA params of the latest checkpoint and writes `out` (PNG) and `.npz`;
     sampling is data-parallel over every device (see `draw`).
 
@@ -255,19 +302,35 @@ def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=N
     against the run's process and prediction before the checkpoint is read.
 
     `cache`: a feature cache spec (`draw`), else the config's sampler.cache; the line on its
-    cost is printed, not saved."""
+    cost is printed, not saved.
+
+    `quantized`: the directory of a quantized checkpoint of this run (`jaxdiff quantize`),
+    sampled instead of the EMA params."""
     scheduler = (None if scheduler_config is None
                  else scheduler_sampling(config, scheduler_config, steps))
     mesh = parallel.make_mesh()
-    model, process, params, step = restore(config, workdir, mesh)
+    q = None
+    if quantized is None:
+        model, process, params, step = restore(config, workdir, mesh)
+    else:
+        model, process, q, info = load_quantized(config, quantized)
+        params, step = None, info.get("meta", {}).get("step")
     x, labels = draw(config, model, process, params, num=num, seed=seed,
                      sampler=sampler, steps=steps, label=label, guidance=guidance, mesh=mesh,
-                     sampler_file=sampler_file, scheduler=scheduler, cache=cache)
+                     sampler_file=sampler_file, scheduler=scheduler, cache=cache, quantized=q)
     _save_samples(out, x, cols=(classes(config) or None) if label is None else None)
     if jax.process_index() == 0:
         np.savez(os.path.splitext(out)[0] + ".npz", samples=x,
                  labels=np.zeros(0) if labels is None else labels)
-        print(f"wrote {out} ({num} samples, step {step})")
+        what = ("" if q is None else
+                f", quantized {quantized_name(q.scheme, q.calibration, q.groups)}")
+        print(f"wrote {out} ({num} samples, step {step}{what})")
+
+
+def quantized_name(scheme, calibration, groups):
+    """'w8a8-dynamic', 'w8a8-timestep4': a quantized network's scheme and calibration (the
+    default directory name of `jaxdiff quantize`, under RUN/quantized/)."""
+    return f"{scheme}-{calibration}" + (str(groups) if calibration == "timestep" else "")
 
 
 def _save_samples(path, x, cols=None):

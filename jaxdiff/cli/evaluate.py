@@ -37,13 +37,20 @@ class Run:
     step: int
     mesh: object
     split: str
+    quantized: object = None  # a jaxdiff.accel.quant.Quantized network, sampled instead
+    quantized_info: dict | None = None  # what reports say of it (commands.quantized_summary)
 
 
-def load(config, workdir, *, split):
-    """The latest EMA params of `workdir`, restored over all devices."""
+def load(config, workdir, *, split, quantized=None):
+    """The latest EMA params of `workdir`, restored over all devices; with `quantized` (a
+    directory written by `jaxdiff quantize`) that quantized network instead."""
     mesh = parallel.make_mesh()
-    model, process, params, step = commands.restore(config, workdir, mesh)
-    return Run(config, workdir, model, process, params, step, mesh, split)
+    if quantized is None:
+        model, process, params, step = commands.restore(config, workdir, mesh)
+        return Run(config, workdir, model, process, params, step, mesh, split)
+    model, process, q, info = commands.load_quantized(config, quantized)
+    summary = commands.quantized_summary(q, info, quantized)
+    return Run(config, workdir, model, process, None, summary["step"], mesh, split, q, summary)
 
 
 def feature_fn(features, inception_weights):
@@ -91,7 +98,8 @@ def quality_of(run, ref, *, metrics, sampler, steps, num, seed, guidance, cache=
     t0 = time.time()
     x, labels, cost = commands.draw_with_cost(cfg, run.model, run.process, run.params, num=num,
                                               seed=seed, steps=steps, guidance=guidance,
-                                              mesh=run.mesh, cache=cache)
+                                              mesh=run.mesh, cache=cache,
+                                              quantized=run.quantized)
     row = {"sampler": sampler, "steps": steps, "sample_s": round(time.time() - t0, 2)}
     if cost is not None:
         row.update(cache=cost["cache"], full_network_equivalents=cost["full_network_equivalents"])
@@ -110,7 +118,8 @@ def nll_of(run, *, num, seed, divergence):
     class-conditional model is evaluated unconditionally (the null class)."""
     d, t0 = run.config.data, time.time()
     x, _ = quality.real_data(d.name, run.split, num=num, data_dir=d.data_dir)
-    net = train_lib.network(run.model, run.params)
+    net = (train_lib.network(run.model, run.params) if run.quantized is None
+           else run.quantized.model_fn)
     K = commands.classes(run.config)
     args = (np.full(len(x), K, np.int32),) if K else ()
     bpd = quality.batched_bits_per_dim(net, run.process, run.config.loss.prediction, x,
@@ -123,13 +132,17 @@ def nll_of(run, *, num, seed, divergence):
 
 
 def evaluate(config, workdir, *, metrics, sampler, steps, num, seed, guidance, features,
-             inception_weights, split, divergence, out, cache=None):
-    """Writes the JSON report `out` of `metrics` for one sampler setting; returns it."""
+             inception_weights, split, divergence, out, cache=None, quantized=None):
+    """Writes the JSON report `out` of `metrics` for one sampler setting; returns it. With
+    `quantized` (a `jaxdiff quantize` directory) the report scores that network and says so
+    (`quantized`: scheme, calibration, groups, param_bytes)."""
     quality_metrics = {"fd", "pr"} & set(metrics)
     if quality_metrics:  # a missing weights file shows before the checkpoint is read
         featurize = feature_fn(features, inception_weights)
-    run = load(config, workdir, split=split)
+    run = load(config, workdir, split=split, quantized=quantized)
     report = {"workdir": workdir, "step": run.step, "dataset": config.data.name}
+    if run.quantized_info is not None:
+        report["quantized"] = run.quantized_info
     sampler, steps = sampler or config.sampler.name, steps or config.sampler.steps
     if quality_metrics:
         ref = reference(run, featurize, features=features, num=num, seed=seed)
@@ -147,7 +160,7 @@ def evaluate(config, workdir, *, metrics, sampler, steps, num, seed, guidance, f
 
 
 def sweep(config, workdir, *, metrics, samplers, steps_list, num, seed, guidance, features,
-          inception_weights, split, out, cache=None):
+          inception_weights, split, out, cache=None, quantized=None):
     """Quality of every sampler at every step count: `out`.json (rows), `out`.md (table of
     FD and NFE), `out`.png (FD vs NFE); returns the rows."""
     adaptive = [s for s in samplers if s in quality.ADAPTIVE]
@@ -155,7 +168,7 @@ def sweep(config, workdir, *, metrics, samplers, steps_list, num, seed, guidance
         raise ValueError(f"--samplers: {adaptive[0]!r} is adaptive (its NFE depends on the "
                          "model, not on --steps); the sweep takes fixed-step samplers")
     featurize = feature_fn(features, inception_weights)
-    run = load(config, workdir, split=split)
+    run = load(config, workdir, split=split, quantized=quantized)
     ref = reference(run, featurize, features=features, num=num, seed=seed)
     rows = []
     for sampler in samplers:
@@ -166,6 +179,8 @@ def sweep(config, workdir, *, metrics, samplers, steps_list, num, seed, guidance
     head = dict(workdir=workdir, step=run.step, dataset=config.data.name, num_samples=num,
                 seed=seed, schedule=config.sampler.schedule,
                 guidance=config.sampler.guidance if guidance is None else guidance, **ref[2])
+    if run.quantized_info is not None:
+        head["quantized"] = run.quantized_info
     _write_sweep(out, head, rows, "fd" if "fd" in metrics else "precision")
     return rows
 
@@ -179,6 +194,11 @@ def _write_sweep(out, head, rows, metric):
              f"{head['split']} images ({head['features']} features); checkpoint step "
              f"{head['step']}, schedule {head['schedule']}, guidance {head['guidance']}.\n"
              f"\n{real_data_line(head)}\n")
+    if "quantized" in head:
+        q = head["quantized"]
+        name = commands.quantized_name(q["scheme"], q["calibration"], q["groups"])
+        text += (f"\nThe network: quantized {name} ({q['param_bytes']} parameter bytes), "
+                 f"{q['path']}.\n")
     images.write_atomically(out + ".md", lambda tmp: pathlib.Path(tmp).write_text(text))
     name = plots.METRIC_NAMES[metric]
     plots.plot_sweep(rows, out + ".png", metric=metric,

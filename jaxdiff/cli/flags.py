@@ -26,6 +26,8 @@ flags.DEFINE_string("scheduler_config", None, "sample: a diffusers scheduler_con
 flags.DEFINE_string("cache", None, "sample and eval: a feature cache, NAME[:KEY=VALUE,...], e.g. "
                     "deepcache:interval=3 (default: the config's sampler.cache, if any; none: "
                     "no cache); see jaxdiff.accel.cache.")
+flags.DEFINE_string("quantized", None, "sample and eval: a quantized network of this run "
+                    "(the directory jaxdiff quantize wrote), sampled instead of the EMA params.")
 flags.DEFINE_string("steps", None, "sample/eval: number of sampler steps (default: the "
                     "config's); eval sweep: a list, e.g. 5,10,20,50.")
 flags.DEFINE_integer("num", None, f"sample: number of samples (default {NUM['sample']}); eval: "
@@ -210,6 +212,8 @@ def check_flags(command):
                          f"of jaxdiff {command}{where}")
     if FLAGS.scheduler_config is not None:
         _check_scheduler_config(command)
+    if FLAGS.quantized is not None:
+        _check_quantized(command)
     if command.startswith("eval"):
         _check_eval_flags(command)
     _check_paths(command)
@@ -253,6 +257,24 @@ def _check_scheduler_config(command):
         what = "is a directory" if os.path.isdir(path) else "no such file"
         raise ValueError(f"--scheduler_config={path}: {what}; expected a diffusers "
                          "scheduler_config.json")
+
+
+def _check_quantized(command):
+    """--quantized: a directory holding quant.json, for sample and eval, without a cache."""
+    path = FLAGS.quantized
+    if command not in ("sample", "eval", "eval sweep"):
+        raise ValueError(f"--quantized={path}: it is a flag of jaxdiff sample and eval, not of "
+                         f"jaxdiff {command}")
+    if FLAGS.cache is not None and FLAGS.cache.strip().lower() not in ("", "none"):
+        raise ValueError(f"--quantized={path} and --cache={FLAGS.cache}: a feature cache runs "
+                         "the float network; give one of them")
+    if not os.path.isdir(path):
+        what = "is a file" if os.path.exists(path) else "no such directory"
+        raise ValueError(f"--quantized={path}: {what}; expected a directory written by "
+                         "jaxdiff quantize")
+    if not os.path.isfile(os.path.join(path, "quant.json")):
+        raise ValueError(f"--quantized={path} is not a quantized checkpoint (no quant.json); "
+                         "make one with jaxdiff quantize --workdir RUN --scheme w8a8")
 
 
 def _check_eval_flags(command):

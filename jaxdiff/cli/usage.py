@@ -13,6 +13,8 @@ commands:
   eval sweep  FD against NFE for several samplers and step counts (.md, .png, .json)
   plot        a trained run's training curves as a PNG
   tune-sampler  fit a learned few-step solver to a trained run (JSON; tune-sampler --help)
+  quantize    post-training quantization of a trained run into a quantized checkpoint
+              (w8a8, w4a8, fp8, ...; quantize --help); sample and eval take it: --quantized
 
 example:
   jaxdiff train --config configs/toy2d.py --workdir runs/toy2d
@@ -56,6 +58,8 @@ flags:
                            (with --steps N; the run's process and prediction must match)
   --cache SPEC             a feature cache, NAME[:KEY=VALUE,...], e.g. deepcache:interval=3
                            (default: the config's sampler.cache; none: no cache)
+  --quantized DIR          sample a quantized network of this run (jaxdiff quantize's DIR)
+                           instead of the EMA params
 
 example:
   jaxdiff sample --workdir runs/digits --sampler dpmpp_2m --steps 20 --num 64 --out grid.png""",
@@ -75,6 +79,8 @@ flags:
   --features NAME          digits, raw or inception (needs --inception_weights FILE)
   --split NAME             the real data to compare with (default test)
   --cache SPEC             fd/pr: a feature cache, e.g. deepcache:interval=3 (as for sample)
+  --quantized DIR          score a quantized network (jaxdiff quantize's DIR); the report
+                           says which (quantized: scheme, calibration, groups, param_bytes)
   --divergence NAME        nll: exact, hutchinson or auto (default)
   --out FILE.json          the report (default: DIR/eval/eval_<time>.json)
 
@@ -92,7 +98,8 @@ flags:
   --steps LIST             step counts (default 5,10,20,50)
   --num N                  samples per cell (default 1000)
   --metrics LIST           fd and/or pr (default fd,pr)
-  --seed N, --guidance S, --features NAME, --split NAME, --cache SPEC: as for jaxdiff eval
+  --seed N, --guidance S, --features NAME, --split NAME, --cache SPEC, --quantized DIR:
+                           as for jaxdiff eval
   --out PREFIX             path prefix of the outputs (default: DIR/eval/sweep)
 
 example:

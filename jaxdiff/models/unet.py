@@ -15,6 +15,7 @@ import math
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.layers import (
@@ -65,21 +66,32 @@ class ResBlock(nn.Module):
     groups: int = 32
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    split: int = 0  # > 0: x is [h; skip] with `split` h channels, see `UNet.split_skips`
 
     @nn.compact
     def __call__(self, x, emb, train=False):  # x (B, H, W, C), emb (B, E) -> (B, H, W, out)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         C, out = x.shape[-1], self.out_channels
         h = nn.silu(group_norm(C, self.groups, name="norm_0", **kw)(x))
-        h = conv(out, 3, name="conv_0", **kw)(h)
+        h = self._conv(h, out, 3, "conv_0", kw)
         mod = dense(2 * out, ("embed", "conv_out"), name="emb_proj", **kw)(nn.silu(emb))
         scale, shift = jnp.split(mod, 2, axis=-1)  # (B, out) each
         h = modulate(group_norm(out, self.groups, name="norm_1", **kw)(h), shift, scale)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
         h = conv(out, 3, name="conv_1", init=zeros, **kw)(h)
         if C != out:
-            x = conv(out, 1, name="skip", **kw)(x)
+            x = self._conv(x, out, 1, "skip", kw)
         return x + h
+
+    def _conv(self, x, out, size, name, kw):
+        """conv(x); split: the h and the skip channels each through their own slice of the
+        kernel (`name`_h, `name`_skip, the bias on the first), the sum the same function."""
+        if not self.split:
+            return conv(out, size, name=name, **kw)(x)
+        a = conv(out, size, name=f"{name}_h", **kw)(x[..., : self.split])
+        b = nn.Conv(out, (size, size), padding=((size // 2,) * 2,) * 2, use_bias=False,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"{name}_skip")
+        return a + b(x[..., self.split:])
 
 
 class AttnBlock(nn.Module):
@@ -132,6 +144,11 @@ class UNet(nn.Module):
     attention_impl: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # Q-Diffusion's split shortcut (Li et al. 2023, Sec. 3.3): each decoder block's first
+    # convolutions take the h and the skip channels of [h; skip] as two convolutions, so that a
+    # quantizer gives each its own activation range; `split_skip_params` converts a trained
+    # param tree (the function is the same)
+    split_skips: bool = False
 
     def check_image_size(self, height, width):
         """One-line ValueError when the image cannot be halved len(channel_mult) - 1 times."""
@@ -191,7 +208,9 @@ class UNet(nn.Module):
         """A residual or attention block, wrapped in nn.remat when `remat` (train is static)."""
         if cls is ResBlock:
             cls = nn.remat(cls, static_argnums=(3,)) if self.remat else cls
-            return cls(*args, self.dropout, self.norm_groups, name=name, **self._kw())
+            out, split = (*args, 0)[:2]
+            return cls(out, self.dropout, self.norm_groups, split=split, name=name,
+                       **self._kw())
         cls = nn.remat(cls) if self.remat else cls
         return cls(self.num_heads, self.norm_groups, self.attention_impl, name=name, **self._kw())
 
@@ -222,8 +241,9 @@ class UNet(nn.Module):
             skip = skips.pop()
             if skip is None:
                 continue
+            split = h.shape[-1] if self.split_skips else 0
             h = jnp.concatenate([h, skip], axis=-1)  # (B, h, w, C_h + C_skip)
-            h = self._block(ResBlock, f"up_{level}_res_{i}", out)(h, emb, train)
+            h = self._block(ResBlock, f"up_{level}_res_{i}", out, split)(h, emb, train)
             if h.shape[1] in self.attn_resolutions:
                 h = self._block(AttnBlock, f"up_{level}_attn_{i}")(h, context)
         if level > 0 and skip is not None:
@@ -252,3 +272,30 @@ class UNet(nn.Module):
         ):
             shape = None if context is None else tuple(context.shape)
             raise ValueError(f"context must be (B, T, {self.context_dim}), got {shape}")
+
+
+def split_skip_params(params, model):
+    """A trained UNet's params for `model.clone(split_skips=True)`: each decoder block's conv_0
+    and skip kernels cut at the h / skip channel boundary (the same function)."""
+    c = params["conv_in"]["kernel"].shape[2]
+    size = 2 ** len(model.channel_mult)
+    args = (jnp.zeros((1, size, size, c)), jnp.zeros((1,)),
+            jnp.zeros((1,), jnp.int32) if model.num_classes else None)
+    kw = {} if model.context_dim is None else dict(context=jnp.zeros((1, 1, model.context_dim)))
+    split = jax.eval_shape(lambda: model.clone(split_skips=True).init(
+        jax.random.key(0), *args, **kw))["params"]
+    split = nn.unbox(split)
+    out = dict(params)
+    for block, sub in split.items():
+        if not any(k.endswith("_h") for k in sub):
+            continue
+        new = {k: v for k, v in params[block].items() if k not in ("conv_0", "skip")}
+        for name in ("conv_0", "skip"):
+            if f"{name}_h" not in sub:
+                continue
+            kernel, bias = params[block][name]["kernel"], params[block][name]["bias"]
+            c = sub[f"{name}_h"]["kernel"].shape[2]
+            new[f"{name}_h"] = {"kernel": kernel[:, :, :c], "bias": bias}
+            new[f"{name}_skip"] = {"kernel": kernel[:, :, c:]}
+        out[block] = new
+    return out

@@ -1,0 +1,237 @@
+"""Post-training quantization on the testbed digits models (issue 14): quality, bytes, memory and
+latency of each scheme and calibration against fp32.
+
+For `digits16_unet` and `digits16_dit`, with the testbed's standard sampler (dpmpp_2m, 20 steps,
+CFG 2.0):
+- calibration set: the inputs of every network call (`jaxdiff.accel.quant.record_calls`) of a
+  fp32 sampling run on `CALIB` draws from other noise than the scored ones (classes cycled);
+- rows: fp32, bf16, and each scheme of `SCHEMES` under each calibration it allows (dynamic, one
+  static scale per op, per-timestep scales in `GROUPS` groups of noise levels); on the UNet the
+  static and per-timestep rows again with Q-Diffusion's split shortcut (+split);
+- quality: FD_digits and classifier agreement of `NUM` samples from noise seed 0
+  (`testbed.score`), and the RMS distance to the fp32 samples from the same noise;
+- size: parameter bytes at their stored bit widths, against fp32; peak temporary memory of one
+  network call on the sampling batch (XLA's memory analysis of the compiled call);
+- latency: median wall time of a sampling run on `TIME_NUM` samples, all rows interleaved.
+
+    PYTHONPATH=$PWD/benchmarks python benchmarks/quantization.py [--models ...] [--repeats 3]
+        [--out benchmarks/out] [--quick]
+
+Scored rows are cached (JSON, written atomically) in OUT/quantization/, so a rerun resumes.
+Writes OUT/quantization.md (tables), .json (every row) and .png (FD per scheme and calibration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import _timing
+import jax
+import jax.numpy as jnp
+import numpy as np
+import testbed
+
+import jaxdiff
+from jaxdiff.accel import quant
+from jaxdiff.core.guidance import CFG
+
+NUM, SEED = 500, 0  # scored samples, as the testbed scores
+CALIB, CALIB_SEED = 64, 100  # calibration draws (x 2 rows under CFG, x the sampler's calls)
+TIME_NUM = 128
+GROUPS = 4
+SCHEMES = ("w8a8", "w4a8", "fp8", "w4a4", "w8a16", "w4a16")
+QUICK = dict(num=40, calib=4, time_num=8, steps=4, schemes=("w8a8", "w4a16"))
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+log = _timing.progress
+
+
+def rows_for(steps, schemes, unet):
+    """(scheme, calibration, groups, split) rows; the UNet adds Q-Diffusion's split shortcut to
+    the static and per-timestep rows of its 4- and 8-bit activation schemes."""
+    out = [("fp32", "-", 1, False), ("bf16", "dynamic", 1, False)]
+    for s in schemes:
+        cals = ("dynamic",) if quant.SCHEMES[s][1] is None else ("dynamic", "static", "timestep")
+        out += [(s, c, GROUPS if c == "timestep" else 1, False) for c in cals]
+        if unet and quant.SCHEMES[s][1] is not None and s != "fp8":
+            out += [(s, c, GROUPS if c == "timestep" else 1, True) for c in cals[1:]]
+    return [dict(scheme=s, calibration=c, groups=g, split=sp, steps=steps,
+                 label=(s if c == "-" else f"{s} {c}" + (f" x{g}" if g > 1 else ""))
+                 + (" +split" if sp else ""))
+            for s, c, g, sp in out]
+
+
+class Model:
+    def __init__(self, name, steps):
+        try:
+            self.tb = tb = testbed.load(name, build=False, log=False)
+        except FileNotFoundError as e:
+            sys.exit(f"quantization: {e}\n(this benchmark never trains)")
+        self.name, self.std, self.steps = name, tb.sampler, steps
+        self.variables = {"params": tb.params}
+
+    def sample(self, model_fn, num, seed):
+        labels = np.arange(num, dtype=np.int32) % self.tb.num_classes
+        guide = CFG(scale=self.std["guidance"], y=labels,
+                    y_null=np.full(num, self.tb.num_classes, np.int32))
+        noise = jax.random.normal(jax.random.key(seed), (num, *self.tb.shape))
+        out = jaxdiff.sample(model_fn, noise, process=self.tb.process,
+                             prediction=self.tb.prediction, sampler=self.std["name"],
+                             steps=self.steps, schedule=self.std["schedule"], guidance=guide)
+        return jax.block_until_ready(out), labels
+
+    def calibration_inputs(self, num):
+        rows = 2 * num
+        example = (jnp.zeros((rows, *self.tb.shape)), jnp.zeros(rows), jnp.zeros(rows, jnp.int32))
+        rec = quant.record_calls(self.tb.model_fn, *example, capacity=self.steps + 1)
+        (_, state), _ = self.sample(rec, num, CALIB_SEED)
+        return quant.recorded(state)
+
+    def network(self, row, inputs):
+        if row["scheme"] == "fp32":
+            return self.tb.model_fn, self.tb.params
+        q = quant.quantize(self.tb.model, self.variables, row["scheme"],
+                           calibration=row["calibration"], inputs=inputs, groups=row["groups"],
+                           split=row["split"])
+        return q.model_fn, q.params
+
+
+def temp_bytes(model_fn, num, shape):
+    """XLA's temporary memory of one network call on the 2·num rows of a CFG sampling call."""
+    rows = 2 * num
+    args = (jnp.zeros((rows, *shape)), jnp.zeros(rows), jnp.zeros(rows, jnp.int32))
+    mem = jax.jit(model_fn).lower(*args).compile().memory_analysis()
+    return None if mem is None else int(mem.temp_size_in_bytes)
+
+
+def score_rows(model, rows, folder, num, calib):
+    path = os.path.join(folder, f"scores_{model.name}.json")
+    done = _timing.load_json(path) or {}
+    inputs = ref = None
+    for r in rows:
+        key = json.dumps([r["label"], model.steps, num, calib])
+        if key in done:
+            r.update(done[key])
+            continue
+        t0 = time.perf_counter()
+        if inputs is None:
+            inputs = model.calibration_inputs(calib)
+        if ref is None:
+            ref = np.asarray(model.sample(model.tb.model_fn, num, SEED)[0])
+        fn, params = model.network(r, inputs)
+        x, labels = model.sample(fn, num, SEED)
+        x = np.asarray(x)
+        sc = testbed.score(x, labels, resolution=model.tb.resolution)
+        r.update(fd=sc["fd"], fd_real=sc["fd_real"], agreement=sc["agreement"],
+                 dev=float(np.sqrt(np.mean((x - ref) ** 2))),
+                 param_bytes=quant.param_bytes(params),
+                 temp_bytes=temp_bytes(fn, TIME_NUM, model.tb.shape))
+        done[key] = {k: r[k] for k in ("fd", "fd_real", "agreement", "dev", "param_bytes",
+                                       "temp_bytes")}
+        _timing.save_json(path, done)
+        log(f"{model.name} {r['label']}: FD {r['fd']:.2f}, agreement {r['agreement']:.3f}, "
+            f"dev {r['dev']:.4f}, {r['param_bytes'] / 1e3:.0f} kB "
+            f"({time.perf_counter() - t0:.0f} s)")
+    return inputs
+
+
+def time_rows(model, rows, inputs, num, repeats):
+    fns = {}
+    for r in rows:
+        fn, _ = model.network(r, inputs)
+        fns[r["label"]] = lambda fn=fn: model.sample(fn, num, SEED)
+    for f in fns.values():  # compiles
+        f()
+    seconds = _timing.interleaved(fns, repeats=repeats, warmup=0)
+    for r in rows:
+        r["wall_s"] = statistics.median(seconds[r["label"]])
+
+
+def report(all_rows, path_md, path_png, args):
+    machine = _timing.machine()
+    lines = ["# Post-training quantization on the testbed (`benchmarks/quantization.py`)", "",
+             f"{args.num} scored samples; calibration: {args.calib} draws x every call of the "
+             f"sampler; per-timestep: {GROUPS} groups; wall: median of {args.repeats} interleaved "
+             f"runs on {args.time_num} samples; {machine['cpu']}, {machine['cores']} cores, "
+             f"jax {machine['jax']} ({machine['jax_backend']}).", ""]
+    for name in dict.fromkeys(r["model"] for r in all_rows):
+        rows = [r for r in all_rows if r["model"] == name]
+        fp = rows[0]
+        lines += [f"## {name}", "", _timing.table(
+            ["scheme", "FD", "vs fp32", "agreement", "dev", "param bytes", "smaller",
+             "temp bytes", "wall s", "vs fp32"],
+            [[r["label"], f"{r['fd']:.2f}", f"{100 * (r['fd'] / fp['fd'] - 1):+.1f}%",
+              f"{r['agreement']:.3f}", f"{r['dev']:.4f}", r["param_bytes"],
+              f"{fp['param_bytes'] / r['param_bytes']:.2f}x", r["temp_bytes"],
+              f"{r.get('wall_s', float('nan')):.2f}",
+              f"{r.get('wall_s', float('nan')) / fp.get('wall_s', float('nan')):.2f}x"]
+             for r in rows]), "", f"FD of real digits (the floor): {fp['fd_real']:.2f}", ""]
+    with open(path_md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(all_rows, path_png)
+
+
+def plot(all_rows, path):
+    from jaxdiff.eval.plots import _pyplot
+
+    plt = _pyplot()
+    names = list(dict.fromkeys(r["model"] for r in all_rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.2), squeeze=False)
+    colors = {"-": "k", "dynamic": "tab:blue", "static": "tab:red", "timestep": "tab:green"}
+    for ax, name in zip(axes[0], names):
+        rows = [r for r in all_rows if r["model"] == name]
+        schemes = list(dict.fromkeys(r["scheme"] for r in rows))
+        for r in rows:
+            i = schemes.index(r["scheme"])
+            off = {"-": 0, "dynamic": -0.25, "static": 0, "timestep": 0.25}[r["calibration"]]
+            ax.bar(i + off, r["fd"], width=0.25, color=colors[r["calibration"]])
+        ax.axhline(rows[0]["fd"], color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(schemes)), schemes)
+        ax.set_yscale("log")
+        ax.set_ylabel("FD_digits (lower is better)")
+        ax.set_title(f"{name}: fp32 (dashed) and quantized")
+        for c in ("dynamic", "static", "timestep"):
+            ax.bar([], [], color=colors[c], label=c)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["digits16_unet", "digits16_dit"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(HERE, "out"))
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    args = ap.parse_args(argv)
+    steps, schemes = 20, SCHEMES
+    args.num, args.calib, args.time_num = NUM, CALIB, TIME_NUM
+    if args.quick:
+        args.num, args.calib, args.time_num = QUICK["num"], QUICK["calib"], QUICK["time_num"]
+        steps, schemes = QUICK["steps"], QUICK["schemes"]
+    name = "quantization_quick" if args.quick else "quantization"
+    folder = os.path.join(args.out, name)
+    all_rows = []
+    for m in args.models:
+        model = Model(m, steps)
+        rows = [dict(r, model=m) for r in rows_for(steps, schemes, "unet" in m)]
+        inputs = score_rows(model, rows, folder, args.num, args.calib)
+        if inputs is None:
+            inputs = model.calibration_inputs(args.calib)
+        time_rows(model, rows, inputs, args.time_num, args.repeats)
+        all_rows += rows
+        report(all_rows, os.path.join(args.out, f"{name}.md"),
+               os.path.join(args.out, f"{name}.png"), args)
+    _timing.save_json(os.path.join(args.out, f"{name}.json"), dict(rows=all_rows))
+    with open(os.path.join(args.out, f"{name}.md")) as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    main()
