@@ -161,3 +161,18 @@ def test_split_shortcut_is_the_same_function_with_two_activation_scales():
     assert _rel(q.model_fn(X, T, Y), ref) < 0.1
     with pytest.raises(ValueError, match=r"split=True is the UNet's split shortcut; got a DiT"):
         quant.quantize(DIT, VARS, "w8a8", inputs=INPUTS, split=True)
+
+
+def test_kept_layers_can_hold_int8_weights():
+    """keep_weights="int8": the kept dense layers (time embedding, adaLN) store int8 weights,
+    so a 4-bit scheme shrinks the whole model, not only its blocks."""
+    fp = quant.param_bytes(VARS["params"])
+    kept = quant.quantize(DIT, VARS, "w4a16", inputs=INPUTS)
+    small = quant.quantize(DIT, VARS, "w4a16", inputs=INPUTS, keep_weights="int8")
+    mod = jax.tree.leaves(small.params["blocks.0"]["adaLN_modulation.1"])
+    assert any(a.dtype == jnp.int8 for a in mod)
+    assert fp / quant.param_bytes(small.params) > 1.5 * fp / quant.param_bytes(kept.params)
+    ref = DIT.apply(VARS, X, T, Y)
+    assert _rel(small.model_fn(X, T, Y), ref) < 0.4
+    with pytest.raises(ValueError, match=r"keep_weights='int4' is not a precision"):
+        quant.quantize(DIT, VARS, "w4a16", inputs=INPUTS, keep_weights="int4")

@@ -74,17 +74,25 @@ def check_scheme(scheme, calibration="dynamic", groups=1):
 ACT_RANGE = 2.0
 
 
-def rules(scheme, calibration="dynamic", keep=KEEP, act_range=ACT_RANGE):
-    """qwix's quantization rules for a scheme: the `keep` modules first (matched, nothing
-    quantized), then every weight op of the others; static activation ranges `act_range` x the
-    mean per-row absmax of the calibration data."""
+def rules(scheme, calibration="dynamic", keep=KEEP, act_range=ACT_RANGE, keep_weights="fp32"):
+    """qwix's quantization rules for a scheme: the `keep` modules first (their dense layers'
+    weights in int8 when keep_weights="int8", else nothing quantized), then every weight op of
+    the others; static activation ranges `act_range` x the mean per-row absmax of the
+    calibration data."""
     import qwix
 
     check_scheme(scheme, calibration)
+    if keep_weights not in ("fp32", "int8"):
+        raise ValueError(f"keep_weights={keep_weights!r} is not a precision for the kept layers; "
+                         "allowed: 'fp32', 'int8' (weight-only, dense layers)")
     weight, act = SCHEMES[scheme]
     static = (calibration != "dynamic") if act is not None else None
     method = f"absmax,{act_range}" if static else None
-    out = [qwix.QuantizationRule(module_path=keep)] if keep else []
+    out = []
+    if keep and keep_weights == "int8":
+        out.append(qwix.QuantizationRule(module_path=keep, op_names=("dot_general",),
+                                         weight_qtype="int8"))
+    out += [qwix.QuantizationRule(module_path=keep)] if keep else []
     out.append(qwix.QuantizationRule(module_path=".*", op_names=("dot_general",),
                                      weight_qtype=weight, act_qtype=act, act_static_scale=static,
                                      act_calibration_method=method))
@@ -222,6 +230,7 @@ class Quantized:
     split: bool = False
     keep: Any = KEEP  # the rules' settings: the quantized tree's layout depends on them
     act_range: float = ACT_RANGE
+    keep_weights: str = "fp32"
 
     @property
     def model_fn(self):
@@ -229,19 +238,22 @@ class Quantized:
 
 
 def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, groups=1,
-             keep=KEEP, act_range=ACT_RANGE, split=False, batch=256):
+             keep=KEEP, act_range=ACT_RANGE, keep_weights="fp32", split=False, batch=256):
     """`model` (a Flax UNet or DiT) with `variables` ({"params": ...}) quantized by `scheme`.
 
     calibration: "dynamic" (activation scales computed at every call), "static" (one scale per
     op from `inputs`) or "timestep" (`groups` sets of scales, each from the recorded calls of
     neighbouring noise levels, selected by t at run time). inputs: `recorded(state)` of a
     `record_calls` sampling run, (x, t, args) with a leading call axis. keep: a regex of module
-    paths left in full precision (None: quantize all). act_range: see `ACT_RANGE`. split:
+    paths left in full precision (None: quantize all); keep_weights="int8": their dense
+    weights in int8 (weight-only; what a 4-bit scheme needs to be ~7x smaller than fp32 on a
+    small model, whose embeddings and modulation layers are a large share). act_range: see
+    `ACT_RANGE`. split:
     Q-Diffusion's split shortcut for a UNet (`UNet.split_skips`: the h and skip channels of each
     decoder block's input get their own activation scales). batch: rows per calibration pass."""
     check_scheme(scheme, calibration, groups)
     params = variables["params"]
-    how = dict(split=split, keep=keep, act_range=act_range)
+    how = dict(split=split, keep=keep, act_range=act_range, keep_weights=keep_weights)
     if split:
         from jaxdiff.models.unet import UNet, split_skip_params
 
@@ -256,8 +268,8 @@ def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, gr
     import qwix
 
     params = conv_weight_grid(params, scheme, keep)
-    ptq = qwix.quantize_model(model,
-                              qwix.PtqProvider(rules(scheme, calibration, keep, act_range)))
+    rule_list = rules(scheme, calibration, keep, act_range, keep_weights)
+    ptq = qwix.quantize_model(model, qwix.PtqProvider(rule_list))
     if calibration == "dynamic":
         example = _example(model, params, inputs)
         abstract = jax.eval_shape(ptq.init, jax.random.key(0), *example)["params"]
@@ -270,8 +282,7 @@ def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, gr
     chunks = np.array_split(calls, groups if calibration == "timestep" else 1)
     if any(len(c) == 0 for c in chunks):
         raise ValueError(f"groups={groups} is more than the {len(calls)} recorded calls")
-    qt = qwix.quantize_model(model,
-                             qwix.QtProvider(rules(scheme, calibration, keep, act_range)))
+    qt = qwix.quantize_model(model, qwix.QtProvider(rule_list))
     first = (xs[0][:1], ts[0][:1], *(a[0][:1] for a in args))
     stats0 = qt.init(jax.random.key(0), *first)["quant_stats"]
     abstract = jax.eval_shape(ptq.init, jax.random.key(0), *first)["params"]
