@@ -176,3 +176,22 @@ def test_kept_layers_can_hold_int8_weights():
     assert _rel(small.model_fn(X, T, Y), ref) < 0.4
     with pytest.raises(ValueError, match=r"keep_weights='int4' is not a precision"):
         quant.quantize(DIT, VARS, "w4a16", inputs=INPUTS, keep_weights="int4")
+
+
+def test_checkpoint_keeps_split_and_kept_int8_weights(tmp_path):
+    """A split-shortcut UNet with int8 kept layers and per-timestep scales saves and loads to
+    the same network (the split recorded in its architecture, keep_weights in its rules)."""
+    from jaxdiff.accel import quant_ckpt
+    from jaxdiff.models import UNet
+
+    unet = UNet(channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                num_heads=2, norm_groups=4, num_classes=3)
+    variables = _variables(unet, X, T, Y)
+    xs, ts, (ys,) = INPUTS
+    inputs = (np.concatenate([xs, xs]), np.concatenate([ts, ts + 1]), (np.concatenate([ys, ys]),))
+    q = quant.quantize(unet, variables, "w8a8", calibration="timestep", groups=2, inputs=inputs,
+                       split=True, keep_weights="int8")
+    quant_ckpt.save_quantized(tmp_path / "q", q, example=(X[:1], T[:1], Y[:1]))
+    back = quant_ckpt.load_quantized(tmp_path / "q", unet)
+    assert back.split and back.keep_weights == "int8" and back.params.groups == 2
+    np.testing.assert_array_equal(back.model_fn(X, T, Y), q.model_fn(X, T, Y))

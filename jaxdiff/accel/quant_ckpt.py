@@ -145,7 +145,7 @@ def save_quantized(directory, q, *, example, meta=None, **settings):
             f"{problem.replace('in the checkpoint', 'in q')}); pass the settings that quantize "
             f"was given ({', '.join(settings)}) and an example input of the model's shapes")
     arrays = {f"p{i:05d}": leaf for i, leaf in enumerate(leaves)}
-    if timestep is not None:
+    if timestep is not None and np.size(params.bounds):  # (orbax refuses empty arrays)
         arrays["bounds"] = jnp.asarray(params.bounds, jnp.float32)
     info = {
         "format": FORMAT, "version": VERSION, "scheme": q.scheme, "calibration": q.calibration,
@@ -336,6 +336,9 @@ def load_quantized(directory, model, *, example=None):
     import orbax.checkpoint as ocp
 
     info = read_info(directory)
+    split = bool((info.get("architecture") or {}).get("split_skips"))
+    if split and hasattr(model, "split_skips"):  # Q-Diffusion's split shortcut (quant.quantize)
+        model = model.clone(split_skips=True)
     check_architecture(directory, info, model.clone(dtype=jnp.bfloat16)
                        if info["scheme"] == "bf16" else model)
     if example is not None:
@@ -356,7 +359,7 @@ def load_quantized(directory, model, *, example=None):
     timestep = isinstance(abstract, quant.TimestepParams)
     leaves = list(abstract.leaves) if timestep else jax.tree.leaves(abstract)
     target = {f"p{i:05d}": s for i, s in enumerate(leaves)}
-    if timestep:
+    if timestep and abstract.bounds.shape[0]:
         target["bounds"] = abstract.bounds
     ckptr = ocp.PyTreeCheckpointer()
     try:
@@ -371,7 +374,8 @@ def load_quantized(directory, model, *, example=None):
     arrays = [np.asarray(got[f"p{i:05d}"]).astype(s.dtype, copy=False)
               for i, s in enumerate(leaves)]
     if timestep:
-        params = quant.TimestepParams(tuple(arrays), np.asarray(got["bounds"], np.float32),
+        bounds = got["bounds"] if "bounds" in target else np.zeros(0)
+        params = quant.TimestepParams(tuple(arrays), np.asarray(bounds, np.float32),
                                       abstract.stacked, abstract.treedef)
     else:
         params = jax.tree.unflatten(jax.tree.structure(abstract), arrays)
@@ -379,7 +383,7 @@ def load_quantized(directory, model, *, example=None):
     fields = {f.name for f in dataclasses.fields(quant.Quantized)}
     extra = {k: v for k, v in info.get("rules", {}).items() if k in fields}
     return quant.Quantized(qmodel, params, info["scheme"], info["calibration"],
-                           int(info["groups"]), **extra)
+                           int(info["groups"]), **dict(extra, split=split))
 
 
 __all__ = ["QuantizedCheckpointError", "abstract_params", "architecture", "check_architecture",
