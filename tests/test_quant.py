@@ -161,6 +161,9 @@ def test_split_shortcut_is_the_same_function_with_two_activation_scales():
     assert _rel(q.model_fn(X, T, Y), ref) < 0.1
     with pytest.raises(ValueError, match=r"split=True is the UNet's split shortcut; got a DiT"):
         quant.quantize(DIT, VARS, "w8a8", inputs=INPUTS, split=True)
+    with pytest.raises(ValueError, match=r"'w4a4' quantizes activations to int4, which XLA's "
+                                         r"CPU and GPU backends do not compile into a conv"):
+        quant.quantize(unet, variables, "w4a4", inputs=INPUTS)
 
 
 def test_kept_layers_can_hold_int8_weights():

@@ -267,6 +267,11 @@ def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, gr
         return Quantized(model.clone(dtype=jnp.bfloat16), cast, scheme, calibration, **how)
     import qwix
 
+    if SCHEMES[scheme][1] == "int4" and _conv_modules(params, keep):
+        raise ValueError(f"scheme {scheme!r} quantizes activations to int4, which XLA's CPU and "
+                         f"GPU backends do not compile into a convolution (this model's "
+                         f"{_conv_modules(params, keep)[0]}); allowed here: w4a8, w8a8, fp8 or "
+                         "a weight-only scheme")
     params = conv_weight_grid(params, scheme, keep)
     rule_list = rules(scheme, calibration, keep, act_range, keep_weights)
     ptq = qwix.quantize_model(model, qwix.PtqProvider(rule_list))
@@ -308,6 +313,19 @@ def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, gr
     bounds = [(level[a[-1]] + level[b[0]]) / 2 for a, b in zip(chunks, chunks[1:])]
     return Quantized(ptq, TimestepParams.stack(trees, bounds), scheme, calibration,
                      groups=groups, **how)
+
+
+def _conv_modules(params, keep):
+    """Paths of the modules with a convolution kernel (4-D "kernel") outside `keep`."""
+    import re
+
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        module = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+        if (getattr(path[-1], "key", None) == "kernel" and jnp.ndim(leaf) == 4
+                and not (keep and re.fullmatch(keep, module))):
+            out.append(module)
+    return out
 
 
 @contextlib.contextmanager
