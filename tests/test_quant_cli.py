@@ -264,6 +264,8 @@ def test_another_architecture_is_one_line(digits_run, tmp_path):
      "--groups=0 must be an integer >= 1"),
     (["--scheme=w8a8", "--calib=0"], 2, "--calib=0 must be a positive number of draws"),
     (["--scheme=w8a8", "--keep=some"], 2, "--keep=some is unknown; allowed: default, none"),
+    (["--scheme=w8a8", "--keep_weights=int4"], 2,
+     "--keep_weights=int4 is unknown; allowed: fp32, int8"),
     (["--scheme=w8a8", "--groups=two"], 2, "argument --groups: invalid int value: 'two'"),
     ([], 2, "the following arguments are required: --scheme"),
     (["--scheme=w4a16", "--calibration=static"], 1, "calibration='static' needs quantized "

@@ -2,7 +2,8 @@
 run's EMA network, written as a quantized checkpoint (`jaxdiff.accel.quant_ckpt`).
 
     jaxdiff quantize --workdir RUN --scheme w8a8 [--calibration dynamic|static|timestep]
-                     [--groups 4] [--calib 256] [--keep default|none] [--seed 1000] [--out DIR]
+                     [--groups 4] [--calib 256] [--keep default|none] [--keep_weights fp32|int8]
+                     [--split] [--seed 1000] [--out DIR]
 
 Schemes: w8a8, w4a8, w4a16, w8a16, fp8, w4a4, bf16. Calibration: dynamic (the default: activation
 scales computed at every call, nothing sampled), static (one scale per op) or timestep (--groups
@@ -12,7 +13,8 @@ noise level while sampling). static and timestep sample --calib draws (default 2
 models: classes cycled, under CFG the network sees the 2N rows of [x; x]) from noise seed
 --seed (default 1000, apart from sampling's default 0), and record every network call. --keep
 default keeps the sensitive layers (time / label / patch embeddings, first and last layers,
-modulation projections) in float; none quantizes them too. Default --out:
+modulation projections) in float (--keep_weights int8: their dense weights in int8); none
+quantizes them too. --split (UNet): Q-Diffusion's split shortcut. Default --out:
 RUN/quantized/<scheme>-<calibration>[<groups>]; an existing one is replaced atomically. Then:
 
     jaxdiff sample --workdir RUN --quantized DIR    (and jaxdiff eval --quantized DIR)
@@ -59,6 +61,12 @@ def parser():
                     help="static, timestep: calibration draws (default 256)")
     ap.add_argument("--keep", metavar="WHICH", default="default",
                     help="default: sensitive layers stay in float; none: quantize them too")
+    ap.add_argument("--keep_weights", metavar="PREC", default="fp32",
+                    help="fp32: the kept layers stay float; int8: their dense weights int8 "
+                         "(weight-only), so a 4-bit scheme shrinks the whole model")
+    ap.add_argument("--split", action="store_true",
+                    help="UNet: Q-Diffusion's split shortcut (the decoder's [h; skip] inputs "
+                         "get two activation scales)")
     ap.add_argument("--seed", metavar="N", type=int, default=1000,
                     help="noise seed of the calibration draws (default 1000)")
     ap.add_argument("--out", metavar="DIR", default=None,
@@ -111,6 +119,8 @@ def check_flags(args):
         raise _UsageError(f"--calib={args.calib} must be a positive number of draws")
     if args.keep not in KEEP:
         raise _UsageError(f"--keep={args.keep} is unknown; allowed: {', '.join(KEEP)}")
+    if args.keep_weights not in ("fp32", "int8"):
+        raise _UsageError(f"--keep_weights={args.keep_weights} is unknown; allowed: fp32, int8")
     if not 0 <= args.seed < 2**63 - 1:
         raise _UsageError(f"--seed={args.seed} must be an integer in [0, 2**63 - 1)")
     if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
@@ -170,7 +180,8 @@ def quantize(args):
         print(f"calibration: {args.calib} draws x {calls} network calls ({s.name}, {s.steps} "
               f"steps{guidance}; seed {args.seed})")
     q = quant.quantize(model, {"params": params}, args.scheme, calibration=args.calibration,
-                       inputs=inputs, groups=groups, keep=keep)
+                       inputs=inputs, groups=groups, keep=keep,
+                       keep_weights=args.keep_weights, split=args.split)
     name = commands.quantized_name(args.scheme, args.calibration, groups)
     out = args.out or os.path.join(args.workdir, "quantized", name)
     float_bytes = quant.param_bytes(params)
@@ -180,7 +191,8 @@ def quantize(args):
             "calibration_calls": calls, "calibration_seed": args.seed if calls else None,
             "sampler": {"name": s.name, "steps": s.steps, "schedule": s.schedule,
                         "guidance": s.get("guidance")}}
-    info = quant_ckpt.save_quantized(out, q, example=example, meta=meta, keep=keep)
+    info = quant_ckpt.save_quantized(out, q, example=example, meta=meta, keep=keep,
+                                     keep_weights=args.keep_weights)
     disk = quant_ckpt.disk_bytes(out)
     qbytes = info["param_bytes"]
     print(f"parameters: {_bytes(float_bytes)} float32 -> {_bytes(qbytes)} {name} "
