@@ -140,9 +140,12 @@ def test_bad_settings_one_line_errors(kwargs, match):
     assert "\n" not in str(err.value)
 
 
-def test_split_shortcut_is_the_same_function_with_two_activation_scales():
+def test_split_shortcut_and_its_checkpoint(tmp_path):
     """Q-Diffusion's split: the decoder blocks' [h; skip] input as two convolutions (the same
-    function), so that static calibration gives the h and the skip channels their own scales."""
+    function), so that calibration gives the h and the skip channels their own scales; with int8
+    kept layers and per-timestep scales it saves and loads to the same network (the split
+    recorded in its architecture, keep_weights in its rules)."""
+    from jaxdiff.accel import quant_ckpt
     from jaxdiff.models import UNet
     from jaxdiff.models.unet import split_skip_params
 
@@ -154,11 +157,18 @@ def test_split_shortcut_is_the_same_function_with_two_activation_scales():
     np.testing.assert_allclose(unet.clone(split_skips=True).apply({"params": split}, X, T, Y),
                                ref, atol=1e-5, rtol=0)
     assert set(split["up_0_res_0"]) >= {"conv_0_h", "conv_0_skip", "skip_h", "skip_skip"}
-    q = quant.quantize(unet, variables, "w8a8", calibration="static", inputs=INPUTS, split=True)
-    block = q.params["up_0_res_0"]
+    xs, ts, (ys,) = INPUTS
+    inputs = (np.concatenate([xs, xs]), np.concatenate([ts, ts + 1]), (np.concatenate([ys, ys]),))
+    q = quant.quantize(unet, variables, "w8a8", calibration="timestep", groups=2, inputs=inputs,
+                       split=True, keep_weights="int8")
+    block = q.params.select(T)["up_0_res_0"]
     assert any("scale" in k for k in block["conv_0_h"]) and any(
         "scale" in k for k in block["conv_0_skip"]), block.keys()
     assert _rel(q.model_fn(X, T, Y), ref) < 0.1
+    quant_ckpt.save_quantized(tmp_path / "q", q, example=(X[:1], T[:1], Y[:1]))
+    back = quant_ckpt.load_quantized(tmp_path / "q", unet)
+    assert back.split and back.keep_weights == "int8" and back.params.groups == 2
+    np.testing.assert_array_equal(back.model_fn(X, T, Y), q.model_fn(X, T, Y))
     with pytest.raises(ValueError, match=r"split=True is the UNet's split shortcut; got a DiT"):
         quant.quantize(DIT, VARS, "w8a8", inputs=INPUTS, split=True)
     with pytest.raises(ValueError, match=r"'w4a4' quantizes activations to int4, which XLA's "
@@ -179,22 +189,3 @@ def test_kept_layers_can_hold_int8_weights():
     assert _rel(small.model_fn(X, T, Y), ref) < 0.4
     with pytest.raises(ValueError, match=r"keep_weights='int4' is not a precision"):
         quant.quantize(DIT, VARS, "w4a16", inputs=INPUTS, keep_weights="int4")
-
-
-def test_checkpoint_keeps_split_and_kept_int8_weights(tmp_path):
-    """A split-shortcut UNet with int8 kept layers and per-timestep scales saves and loads to
-    the same network (the split recorded in its architecture, keep_weights in its rules)."""
-    from jaxdiff.accel import quant_ckpt
-    from jaxdiff.models import UNet
-
-    unet = UNet(channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                num_heads=2, norm_groups=4, num_classes=3)
-    variables = _variables(unet, X, T, Y)
-    xs, ts, (ys,) = INPUTS
-    inputs = (np.concatenate([xs, xs]), np.concatenate([ts, ts + 1]), (np.concatenate([ys, ys]),))
-    q = quant.quantize(unet, variables, "w8a8", calibration="timestep", groups=2, inputs=inputs,
-                       split=True, keep_weights="int8")
-    quant_ckpt.save_quantized(tmp_path / "q", q, example=(X[:1], T[:1], Y[:1]))
-    back = quant_ckpt.load_quantized(tmp_path / "q", unet)
-    assert back.split and back.keep_weights == "int8" and back.params.groups == 2
-    np.testing.assert_array_equal(back.model_fn(X, T, Y), q.model_fn(X, T, Y))
