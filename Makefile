@@ -6,7 +6,7 @@ BASE := $(VENV)/.installed-base
 FULL := $(VENV)/.installed-test
 DEMO_DIR ?= runs/digits
 
-.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching clean
+.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching bench-quantization clean
 
 $(BASE): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ testbed: $(FULL)
 # (benchmarks/out/caching.{md,png,json}); builds the testbed first if needed. ~40 min on 2 cores.
 bench-caching: testbed
 	$(BIN)/python benchmarks/caching.py
+
+# Post-training quantization of the testbed UNet and DiT: FD, agreement, bytes, memory, latency
+# per scheme and calibration (benchmarks/out/quantization.{md,png,json}). ~60 min on 2 cores.
+bench-quantization: testbed
+	$(BIN)/python benchmarks/quantization.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

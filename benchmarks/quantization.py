@@ -52,20 +52,38 @@ log = _timing.progress
 
 
 def rows_for(steps, schemes, unet):
-    """(scheme, calibration, groups, split) rows; the UNet adds Q-Diffusion's split shortcut to
-    the static and per-timestep rows of its 4- and 8-bit activation schemes."""
-    out = [("fp32", "-", 1, False), ("bf16", "dynamic", 1, False)]
+    """Rows: fp32, bf16, each scheme under each calibration it allows (dynamic, static,
+    per-timestep); on the UNet the static and per-timestep rows of its 4- and 8-bit integer
+    activation schemes again with Q-Diffusion's split shortcut (+split). Then variants of the
+    defaults: the naive static range (qwix's own, the mean per-row absmax: `r1`), the kept
+    layers' weights in int8 (`kw8`, for bytes) and nothing kept (`keep none`)."""
+    out = [("fp32", "-", False, {}), ("bf16", "dynamic", False, {})]
     for s in schemes:
         if unet and s == "w4a4":  # XLA:CPU/GPU do not compile int4 activations into a conv
             continue
         cals = ("dynamic",) if quant.SCHEMES[s][1] is None else ("dynamic", "static", "timestep")
-        out += [(s, c, GROUPS if c == "timestep" else 1, False) for c in cals]
+        out += [(s, c, False, {}) for c in cals]
         if unet and quant.SCHEMES[s][1] is not None and s != "fp8":
-            out += [(s, c, GROUPS if c == "timestep" else 1, True) for c in cals[1:]]
-    return [dict(scheme=s, calibration=c, groups=g, split=sp, steps=steps,
-                 label=(s if c == "-" else f"{s} {c}" + (f" x{g}" if g > 1 else ""))
-                 + (" +split" if sp else ""))
-            for s, c, g, sp in out]
+            out += [(s, c, True, {}) for c in cals[1:]]
+    for s in ("w8a8", "w4a8"):
+        if s in schemes:
+            out += [(s, c, False, dict(act_range=1.0)) for c in ("static", "timestep")]
+    if "w8a8" in schemes:
+        out.append(("w8a8", "dynamic", False, dict(keep_weights="int8")))
+    if "w4a8" in schemes:
+        out.append(("w4a8", "timestep", unet, dict(keep_weights="int8")))
+        if not unet:
+            out.append(("w4a8", "timestep", False, dict(keep=None)))
+    rows = []
+    for s, c, sp, extra in out:
+        g = GROUPS if c == "timestep" else 1
+        label = (s if c == "-" else f"{s} {c}" + (f" x{g}" if g > 1 else "")) + (
+            " +split" if sp else "")
+        label += {(): "", ("act_range",): " r1", ("keep_weights",): " kw8",
+                  ("keep",): " keep none"}[tuple(extra)]
+        rows.append(dict(scheme=s, calibration=c, groups=g, split=sp, steps=steps, label=label,
+                         **extra))
+    return rows
 
 
 class Model:
@@ -99,7 +117,9 @@ class Model:
             return self.tb.model_fn, self.tb.params
         q = quant.quantize(self.tb.model, self.variables, row["scheme"],
                            calibration=row["calibration"], inputs=inputs, groups=row["groups"],
-                           split=row["split"])
+                           split=row["split"], act_range=row.get("act_range", quant.ACT_RANGE),
+                           keep=row.get("keep", quant.KEEP),
+                           keep_weights=row.get("keep_weights", "fp32"))
         return q.model_fn, q.params
 
 
@@ -144,6 +164,7 @@ def score_rows(model, rows, folder, num, calib):
 
 def time_rows(model, rows, inputs, num, repeats):
     fns = {}
+    rows = [r for r in rows if not {"act_range", "keep", "keep_weights"} & set(r)]
     for r in rows:
         fn, _ = model.network(r, inputs)
         fns[r["label"]] = lambda fn=fn: model.sample(fn, num, SEED)
@@ -179,27 +200,30 @@ def report(all_rows, path_md, path_png, args):
 
 
 def plot(all_rows, path):
+    """FD of every row (horizontal bars, coloured by calibration), fp32 and the issue's +5% /
+    +15% marks dashed."""
     from jaxdiff.eval.plots import _pyplot
 
     plt = _pyplot()
     names = list(dict.fromkeys(r["model"] for r in all_rows))
-    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.2), squeeze=False)
+    height = 0.22 * max(sum(r["model"] == n for r in all_rows) for n in names) + 1.2
+    fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), height), squeeze=False)
     colors = {"-": "k", "dynamic": "tab:blue", "static": "tab:red", "timestep": "tab:green"}
     for ax, name in zip(axes[0], names):
         rows = [r for r in all_rows if r["model"] == name]
-        schemes = list(dict.fromkeys(r["scheme"] for r in rows))
-        for r in rows:
-            i = schemes.index(r["scheme"])
-            off = {"-": 0, "dynamic": -0.25, "static": 0, "timestep": 0.25}[r["calibration"]]
-            ax.bar(i + off, r["fd"], width=0.25, color=colors[r["calibration"]])
-        ax.axhline(rows[0]["fd"], color="k", lw=0.8, ls="--")
-        ax.set_xticks(range(len(schemes)), schemes)
-        ax.set_yscale("log")
-        ax.set_ylabel("FD_digits (lower is better)")
-        ax.set_title(f"{name}: fp32 (dashed) and quantized")
+        y = np.arange(len(rows))[::-1]
+        ax.barh(y, [r["fd"] for r in rows], color=[colors[r["calibration"]] for r in rows],
+                hatch=None)
+        ax.set_yticks(y, [r["label"] for r in rows], fontsize=7)
+        fp = rows[0]["fd"]
+        for f, ls in ((1.0, "-"), (1.05, "--"), (1.15, ":")):
+            ax.axvline(fp * f, color="k", lw=0.8, ls=ls)
+        ax.set_xlim(0, max(max(r["fd"] for r in rows), 1.3 * fp) * 1.05)
+        ax.set_xlabel("FD_digits (lower is better); lines: fp32, +5%, +15%")
+        ax.set_title(name)
         for c in ("dynamic", "static", "timestep"):
-            ax.bar([], [], color=colors[c], label=c)
-        ax.legend(fontsize=7)
+            ax.barh([], [], color=colors[c], label=c)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -149,8 +149,8 @@ def test_split_shortcut_and_its_checkpoint(tmp_path):
     from jaxdiff.models import UNet
     from jaxdiff.models.unet import split_skip_params
 
-    unet = UNet(channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                num_heads=2, norm_groups=4, num_classes=3)
+    unet = UNet(channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                mid_attn=False, norm_groups=4, num_classes=3)
     variables = _variables(unet, X, T, Y)
     split = split_skip_params(variables["params"], unet)
     ref = unet.apply(variables, X, T, Y)
