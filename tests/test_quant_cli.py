@@ -140,11 +140,12 @@ def _run(*args):
 @pytest.fixture(scope="module")
 def quantized(digits_run, tmp_path_factory):
     """{name: directory} of the run quantized w8a8 dynamic and w8a8 per-timestep (2 groups,
-    calibrated on 4 draws), and their printed reports."""
+    calibrated on 4 draws, activation range 1.5), and their printed reports."""
     root = tmp_path_factory.mktemp("quantized")
     dirs, printed = {}, {}
     for name, flags in (("dynamic", ()),
-                        ("timestep", ("--calibration=timestep", "--groups=2", "--calib=4"))):
+                        ("timestep", ("--calibration=timestep", "--groups=2", "--calib=4",
+                                      "--act_range=1.5"))):
         dirs[name] = str(root / name)
         code, out, errors = _run("quantize", f"--workdir={digits_run}", "--scheme=w8a8",
                                  f"--out={dirs[name]}", *flags)
@@ -173,6 +174,7 @@ def test_quantize_writes_a_checkpoint(digits_run, quantized, tmp_path):
         assert info["meta"]["float_param_bytes"] > 1.5 * info["param_bytes"]
     info = json.load(open(os.path.join(dirs["timestep"], "quant.json")))
     assert info["groups"] == 2 and len(info["timestep"]["bounds"]) == 1
+    assert info["rules"]["act_range"] == 1.5 and info["rules"]["keep_weights"] == "fp32"
     assert info["meta"]["calibration_calls"] == 4 and info["meta"]["calibration_seed"] == 1000
     config = ConfigDict(json.load(open(digits_run / "config.json")))
     model, _, q, _ = commands.load_quantized(config, dirs["timestep"])
@@ -266,6 +268,7 @@ def test_another_architecture_is_one_line(digits_run, tmp_path):
     (["--scheme=w8a8", "--keep=some"], 2, "--keep=some is unknown; allowed: default, none"),
     (["--scheme=w8a8", "--keep_weights=int4"], 2,
      "--keep_weights=int4 is unknown; allowed: fp32, int8"),
+    (["--scheme=w8a8", "--act_range=0"], 2, "--act_range=0.0 must be a finite number > 0"),
     (["--scheme=w8a8", "--groups=two"], 2, "argument --groups: invalid int value: 'two'"),
     ([], 2, "the following arguments are required: --scheme"),
     (["--scheme=w4a16", "--calibration=static"], 1, "calibration='static' needs quantized "

@@ -3,7 +3,7 @@ run's EMA network, written as a quantized checkpoint (`jaxdiff.accel.quant_ckpt`
 
     jaxdiff quantize --workdir RUN --scheme w8a8 [--calibration dynamic|static|timestep]
                      [--groups 4] [--calib 256] [--keep default|none] [--keep_weights fp32|int8]
-                     [--split] [--seed 1000] [--out DIR]
+                     [--act_range 2.0] [--split] [--seed 1000] [--out DIR]
 
 Schemes: w8a8, w4a8, w4a16, w8a16, fp8, w4a4, bf16. Calibration: dynamic (the default: activation
 scales computed at every call, nothing sampled), static (one scale per op) or timestep (--groups
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -64,6 +65,9 @@ def parser():
     ap.add_argument("--keep_weights", metavar="PREC", default="fp32",
                     help="fp32: the kept layers stay float; int8: their dense weights int8 "
                          "(weight-only), so a 4-bit scheme shrinks the whole model")
+    ap.add_argument("--act_range", metavar="R", type=float, default=None,
+                    help="static, timestep: activation range = R x the calibration rows' mean "
+                         "absmax (default: quant.ACT_RANGE, 2; 1 is qwix's own, which clips)")
     ap.add_argument("--split", action="store_true",
                     help="UNet: Q-Diffusion's split shortcut (the decoder's [h; skip] inputs "
                          "get two activation scales)")
@@ -121,6 +125,9 @@ def check_flags(args):
         raise _UsageError(f"--keep={args.keep} is unknown; allowed: {', '.join(KEEP)}")
     if args.keep_weights not in ("fp32", "int8"):
         raise _UsageError(f"--keep_weights={args.keep_weights} is unknown; allowed: fp32, int8")
+    if args.act_range is not None and not (math.isfinite(args.act_range)
+                                           and args.act_range > 0):
+        raise _UsageError(f"--act_range={args.act_range} must be a finite number > 0")
     if not 0 <= args.seed < 2**63 - 1:
         raise _UsageError(f"--seed={args.seed} must be an integer in [0, 2**63 - 1)")
     if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
@@ -179,9 +186,11 @@ def quantize(args):
         guidance = f", guidance {s.guidance}" if K else ""
         print(f"calibration: {args.calib} draws x {calls} network calls ({s.name}, {s.steps} "
               f"steps{guidance}; seed {args.seed})")
+    act_range = quant.ACT_RANGE if args.act_range is None else args.act_range
     q = quant.quantize(model, {"params": params}, args.scheme, calibration=args.calibration,
                        inputs=inputs, groups=groups, keep=keep,
-                       keep_weights=args.keep_weights, split=args.split)
+                       keep_weights=args.keep_weights, split=args.split,
+                       act_range=act_range)
     name = commands.quantized_name(args.scheme, args.calibration, groups)
     out = args.out or os.path.join(args.workdir, "quantized", name)
     float_bytes = quant.param_bytes(params)
@@ -192,7 +201,7 @@ def quantize(args):
             "sampler": {"name": s.name, "steps": s.steps, "schedule": s.schedule,
                         "guidance": s.get("guidance")}}
     info = quant_ckpt.save_quantized(out, q, example=example, meta=meta, keep=keep,
-                                     keep_weights=args.keep_weights)
+                                     keep_weights=args.keep_weights, act_range=act_range)
     disk = quant_ckpt.disk_bytes(out)
     qbytes = info["param_bytes"]
     print(f"parameters: {_bytes(float_bytes)} float32 -> {_bytes(qbytes)} {name} "
