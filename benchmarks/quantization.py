@@ -44,6 +44,7 @@ NUM, SEED = 500, 0  # scored samples, as the testbed scores
 CALIB, CALIB_SEED = 64, 100  # calibration draws (x 2 rows under CFG, x the sampler's calls)
 TIME_NUM = 128
 GROUPS = 4
+LOWRANKS = (8, 16)  # SVDQuant branch ranks on the DiT (hidden size 64)
 SCHEMES = ("w8a8", "w4a8", "fp8", "w4a4", "w8a16", "w4a16")
 QUICK = dict(num=40, calib=4, time_num=8, steps=4, schemes=("w8a8", "w4a16"))
 
@@ -74,13 +75,16 @@ def rows_for(steps, schemes, unet):
         out.append(("w4a8", "timestep", unet, dict(keep_weights="int8")))
         if not unet:
             out.append(("w4a8", "timestep", False, dict(keep=None)))
+    if "w4a4" in schemes and not unet:  # SVDQuant: smoothing + a float low-rank branch
+        out += [("w4a4", "dynamic", False, dict(lowrank=r)) for r in LOWRANKS]
     rows = []
     for s, c, sp, extra in out:
         g = GROUPS if c == "timestep" else 1
         label = (s if c == "-" else f"{s} {c}" + (f" x{g}" if g > 1 else "")) + (
             " +split" if sp else "")
         label += {(): "", ("act_range",): " r1", ("keep_weights",): " kw8",
-                  ("keep",): " keep none"}[tuple(extra)]
+                  ("keep",): " keep none",
+                  ("lowrank",): f" svd{extra.get('lowrank')}"}[tuple(extra)]
         rows.append(dict(scheme=s, calibration=c, groups=g, split=sp, steps=steps, label=label,
                          **extra))
     return rows
@@ -119,7 +123,8 @@ class Model:
                            calibration=row["calibration"], inputs=inputs, groups=row["groups"],
                            split=row["split"], act_range=row.get("act_range", quant.ACT_RANGE),
                            keep=row.get("keep", quant.KEEP),
-                           keep_weights=row.get("keep_weights", "fp32"))
+                           keep_weights=row.get("keep_weights", "fp32"),
+                           lowrank=row.get("lowrank", 0))
         return q.model_fn, q.params
 
 
@@ -162,17 +167,46 @@ def score_rows(model, rows, folder, num, calib):
     return inputs
 
 
-def time_rows(model, rows, inputs, num, repeats):
-    fns = {}
-    rows = [r for r in rows if not {"act_range", "keep", "keep_weights"} & set(r)]
+def time_rows(model, rows, inputs, num, repeats, folder):
+    """Median wall time of each row's sampling run (the variants of a row's rules are timed
+    only for SVDQuant's branch, which adds compute); cached in FOLDER/timing_<model>.json for
+    the same rows, sizes and repeats."""
+    rows = [r for r in rows if not {"act_range", "keep", "keep_weights", "lowrank"} & set(r)
+            or "lowrank" in r]
+    path = os.path.join(folder, f"timing_{model.name}.json")
+    key = json.dumps([[r["label"] for r in rows], model.steps, num, repeats])
+    cached = (_timing.load_json(path) or {}).get(key)
+    if cached is None:
+        fns = {}
+        for r in rows:
+            fn, _ = model.network(r, inputs)
+            fns[r["label"]] = lambda fn=fn: model.sample(fn, num, SEED)
+        for f in fns.values():  # compiles
+            f()
+        seconds = _timing.interleaved(fns, repeats=repeats, warmup=0)
+        cached = {r["label"]: statistics.median(seconds[r["label"]]) for r in rows}
+        _timing.save_json(path, {key: cached})
     for r in rows:
-        fn, _ = model.network(r, inputs)
-        fns[r["label"]] = lambda fn=fn: model.sample(fn, num, SEED)
-    for f in fns.values():  # compiles
-        f()
-    seconds = _timing.interleaved(fns, repeats=repeats, warmup=0)
-    for r in rows:
-        r["wall_s"] = statistics.median(seconds[r["label"]])
+        r["wall_s"] = cached[r["label"]]
+
+
+def weight_bytes(model, row, inputs):
+    """(bytes of the quantized weight matrices: their qvalues and scales; their float32
+    bytes): the weights alone, without the layers kept in float, biases and norms. The weights
+    do not depend on the activation calibration, so dynamic stands in for it."""
+    if row["scheme"] in ("fp32", "bf16"):
+        return None, None
+    dyn = dict(row, calibration="dynamic", groups=1)
+    _, params = model.network(dyn, inputs)
+    q = f = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path)
+        if name.endswith(".array.qvalue"):
+            q += quant.param_bytes([leaf])
+            f += 4 * leaf.size
+        elif name.endswith(".array.scale"):
+            q += quant.param_bytes([leaf])
+    return q, f
 
 
 def report(all_rows, path_md, path_png, args):
@@ -185,14 +219,21 @@ def report(all_rows, path_md, path_png, args):
     for name in dict.fromkeys(r["model"] for r in all_rows):
         rows = [r for r in all_rows if r["model"] == name]
         fp = rows[0]
+        nan = float("nan")
+
+        def ratio(a, b):
+            return f"{a / b:.2f}x" if a and b else "-"
+
         lines += [f"## {name}", "", _timing.table(
-            ["scheme", "FD", "vs fp32", "agreement", "dev", "param bytes", "smaller",
-             "temp bytes", "wall s", "vs fp32"],
+            ["scheme", "FD", "vs fp32", "agreement", "dev", "param kB", "smaller",
+             "weights smaller", "temp MB", "wall s", "vs fp32"],
             [[r["label"], f"{r['fd']:.2f}", f"{100 * (r['fd'] / fp['fd'] - 1):+.1f}%",
-              f"{r['agreement']:.3f}", f"{r['dev']:.4f}", r["param_bytes"],
-              f"{fp['param_bytes'] / r['param_bytes']:.2f}x", r["temp_bytes"],
-              f"{r.get('wall_s', float('nan')):.2f}",
-              f"{r.get('wall_s', float('nan')) / fp.get('wall_s', float('nan')):.2f}x"]
+              f"{r['agreement']:.3f}", f"{r['dev']:.4f}", f"{r['param_bytes'] / 1e3:.0f}",
+              ratio(fp["param_bytes"], r["param_bytes"]),
+              ratio(r.get("weight_bytes_fp32"), r.get("weight_bytes")),
+              f"{r['temp_bytes'] / 1e6:.1f}" if r["temp_bytes"] else "-",
+              f"{r['wall_s']:.2f}" if "wall_s" in r else "-",
+              ratio(r.get("wall_s", nan), fp.get("wall_s", nan)) if "wall_s" in r else "-"]
              for r in rows]), "", f"FD of real digits (the floor): {fp['fd_real']:.2f}", ""]
     with open(path_md, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -250,7 +291,9 @@ def main(argv=None):
         inputs = score_rows(model, rows, folder, args.num, args.calib)
         if inputs is None:
             inputs = model.calibration_inputs(args.calib)
-        time_rows(model, rows, inputs, args.time_num, args.repeats)
+        time_rows(model, rows, inputs, args.time_num, args.repeats, folder)
+        for r in rows:
+            r["weight_bytes"], r["weight_bytes_fp32"] = weight_bytes(model, r, inputs)
         all_rows += rows
         report(all_rows, os.path.join(args.out, f"{name}.md"),
                os.path.join(args.out, f"{name}.png"), args)

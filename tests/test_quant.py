@@ -189,3 +189,44 @@ def test_kept_layers_can_hold_int8_weights():
     assert _rel(small.model_fn(X, T, Y), ref) < 0.4
     with pytest.raises(ValueError, match=r"keep_weights='int4' is not a precision"):
         quant.quantize(DIT, VARS, "w4a16", inputs=INPUTS, keep_weights="int4")
+
+
+class Outliers(nn.Module):
+    """One dense layer, for SVDQuant: fed inputs with a few large channels."""
+
+    @nn.compact
+    def __call__(self, x, t):
+        return nn.Dense(16, name="fc")(x)
+
+
+def test_lowrank_branch_absorbs_outliers():
+    """SVDQuant at W4A4: smoothing moves the input's outlier channels into the weight and the
+    float rank-r branch takes the weight's largest directions, so the 4-bit residual's error
+    shrinks several-fold; the branch's leaves (L1, L2, 1/lambda) sit next to the kernel."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 8, 8, 32)).astype(np.float32)  # 4 calls of 8 rows x 8 tokens
+    x[..., :3] *= 25.0  # outlier input channels, as in a transformer's activations
+    net, t = Outliers(), jnp.zeros(8)
+    variables = _variables(net, x[0], t)
+    w = rng.normal(size=(32, 16)) * 0.1 + np.outer(rng.normal(size=32), rng.normal(size=16))
+    variables = {"params": {"fc": dict(variables["params"]["fc"],
+                                       kernel=jnp.asarray(w, jnp.float32))}}
+    inputs = (x, np.zeros((4, 8), np.float32), ())
+    ref = net.apply(variables, x[1], t)
+    err = {}
+    for rank in (0, 4):
+        q = quant.quantize(net, variables, "w4a4", inputs=inputs, keep=None, lowrank=rank)
+        # (XLA:CPU compiles these int4 x int4 products inside a jit, not op by op)
+        err[rank] = _rel(jax.jit(q.model_fn)(x[1], t), ref)
+    assert err[4] < 0.15 * err[0] and err[0] > 0.05, err
+    fc = q.params["fc"]
+    assert fc["kernel_lora_a"].shape == (32, 4) and fc["kernel_lora_b"].shape == (4, 16)
+    assert fc["kernel_smooth"].shape == (32,) and q.lowrank == 4
+    assert fc["kernel"].array.qvalue.dtype == jnp.int4
+    # the smoothing factors shrink exactly the outlier channels
+    assert np.all(np.asarray(fc["kernel_smooth"][:3]) < np.min(fc["kernel_smooth"][3:])), fc
+    with pytest.raises(ValueError, match=r"lowrank=17 is more than the rank of fc/kernel "
+                                         r"\(32, 16\); allowed: 1..16"):
+        quant.quantize(net, variables, "w4a4", inputs=inputs, keep=None, lowrank=17)
+    with pytest.raises(ValueError, match=r"lowrank=4 needs inputs="):
+        quant.quantize(net, variables, "w4a4", keep=None, lowrank=4)

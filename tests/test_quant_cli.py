@@ -55,13 +55,15 @@ def _same_bits(a, b):
                     and np.array_equal(_bits(x), _bits(y)) for x, y in zip(la, lb)))
 
 
-@pytest.mark.parametrize("scheme,dtype,keep", [
-    ("w4a8", jnp.int4, None), ("fp8", jnp.float8_e4m3fn, quant.KEEP), ("bf16", jnp.bfloat16, None),
+@pytest.mark.parametrize("scheme,dtype,keep,lowrank", [
+    ("w4a8", jnp.int4, None, 0), ("fp8", jnp.float8_e4m3fn, quant.KEEP, 0),
+    ("bf16", jnp.bfloat16, None, 0), ("w4a4", jnp.int4, quant.KEEP, 2),
 ])
-def test_save_load_is_bit_exact(tmp_path, scheme, dtype, keep):
-    """int4 and float8_e4m3fn leaves go through orbax as they are, bit for bit (per-timestep
-    params: test_quantize_writes_a_checkpoint)."""
-    q = quant.quantize(DIT, VARS, scheme, inputs=INPUTS, keep=keep)
+def test_save_load_is_bit_exact(tmp_path, scheme, dtype, keep, lowrank):
+    """int4 and float8_e4m3fn leaves go through orbax as they are, bit for bit, and so do
+    SVDQuant's low-rank and smoothing leaves (per-timestep params:
+    test_quantize_writes_a_checkpoint)."""
+    q = quant.quantize(DIT, VARS, scheme, inputs=INPUTS, keep=keep, lowrank=lowrank)
     assert any(a.dtype == dtype for a in jax.tree.leaves(q.params))
     if scheme == "w4a8":  # saved with another keep than quantize had: refused before writing
         with pytest.raises(quant_ckpt.QuantizedCheckpointError,
@@ -71,7 +73,9 @@ def test_save_load_is_bit_exact(tmp_path, scheme, dtype, keep):
                                      keep=keep)
     got = quant_ckpt.load_quantized(tmp_path / "q", DIT)
     assert (got.scheme, got.calibration, got.groups) == (scheme, "dynamic", 1)
-    assert _same_bits(got.params, q.params)
+    assert got.lowrank == lowrank and _same_bits(got.params, q.params)
+    if lowrank:
+        np.testing.assert_array_equal(got.model_fn(X, T, Y), q.model_fn(X, T, Y))
     saved = json.load(open(tmp_path / "q" / "quant.json"))
     assert saved["param_bytes"] == quant.param_bytes(q.params) == info["param_bytes"]
     assert saved["keep"] == keep and saved["meta"] == {"step": 7}
@@ -234,7 +238,7 @@ def test_sample_and_eval_with_a_quantized_network(digits_run, quantized, tmp_pat
     assert code == 0, errors
     got = json.load(open(report))
     assert got["quantized"] == {"path": dirs["timestep"], "scheme": "w8a8",
-                                "calibration": "timestep", "groups": 2,
+                                "calibration": "timestep", "groups": 2, "lowrank": 0,
                                 "param_bytes": json.load(open(os.path.join(
                                     dirs["timestep"], "quant.json")))["param_bytes"], "step": 2}
     assert np.isfinite(got["fd"]) and got["step"] == 2
@@ -269,6 +273,12 @@ def test_another_architecture_is_one_line(digits_run, tmp_path):
     (["--scheme=w8a8", "--keep_weights=int4"], 2,
      "--keep_weights=int4 is unknown; allowed: fp32, int8"),
     (["--scheme=w8a8", "--act_range=0"], 2, "--act_range=0.0 must be a finite number > 0"),
+    (["--scheme=w8a8", "--lowrank=-1"], 2, "--lowrank=-1 must be an integer >= 0 (0: none)"),
+    (["--scheme=w4a4", "--lowrank=4", "--smooth=2"], 2, "--smooth=2.0 must be in [0, 1]"),
+    (["--scheme=w4a16", "--lowrank=4"], 1, "lowrank=4 (SVDQuant) needs quantized weights and "
+     "activations; scheme 'w4a16' quantizes not both (allowed: w4a4, w4a8, w8a8, fp8)"),
+    (["--scheme=w8a8", "--calibration=static", "--lowrank=4"], 1, "lowrank=4 (SVDQuant) uses "
+     "dynamic activation scales; got calibration='static' (allowed: 'dynamic')"),
     (["--scheme=w8a8", "--groups=two"], 2, "argument --groups: invalid int value: 'two'"),
     ([], 2, "the following arguments are required: --scheme"),
     (["--scheme=w4a16", "--calibration=static"], 1, "calibration='static' needs quantized "

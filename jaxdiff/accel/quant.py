@@ -19,13 +19,20 @@ diffusion needs on top:
   noise level): `calibration="timestep", groups=G` splits the recorded calls into G groups of
   neighbouring noise levels, calibrates each, and the network selects the group's scales from
   its conditioning input t inside the compiled sampler (`TimestepParams`); the quantized weights
-  are shared, only the activation scales are stacked.
+  are shared, only the activation scales are stacked;
+- SVDQuant's low-rank branch (`quantize(..., lowrank=r)`, dynamic activation scales): each
+  quantized dense layer's input is divided per channel by SmoothQuant's factor
+  lambda = max|X|^a / max|W|^(1-a) (qwix.contrib's calibration over the recorded calls), its
+  weight multiplied by it, and lambda·W split into its top-r SVD L1·L2, kept in float and run on
+  the unquantized (smoothed) input, plus a residual that is quantized (qwix's LoRA provider:
+  base op quantized, low-rank branch in float).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -74,11 +81,13 @@ def check_scheme(scheme, calibration="dynamic", groups=1):
 ACT_RANGE = 2.0
 
 
-def rules(scheme, calibration="dynamic", keep=KEEP, act_range=ACT_RANGE, keep_weights="fp32"):
+def rules(scheme, calibration="dynamic", keep=KEEP, act_range=ACT_RANGE, keep_weights="fp32",
+          lowrank=0):
     """qwix's quantization rules for a scheme: the `keep` modules first (their dense layers'
     weights in int8 when keep_weights="int8", else nothing quantized), then every weight op of
     the others; static activation ranges `act_range` x the mean per-row absmax of the
-    calibration data."""
+    calibration data; lowrank > 0: the others' dense layers carry a float low-rank branch of
+    that rank (qwix's `LoraRule`, SVDQuant)."""
     import qwix
 
     check_scheme(scheme, calibration)
@@ -93,9 +102,10 @@ def rules(scheme, calibration="dynamic", keep=KEEP, act_range=ACT_RANGE, keep_we
         out.append(qwix.QuantizationRule(module_path=keep, op_names=("dot_general",),
                                          weight_qtype="int8"))
     out += [qwix.QuantizationRule(module_path=keep)] if keep else []
-    out.append(qwix.QuantizationRule(module_path=".*", op_names=("dot_general",),
-                                     weight_qtype=weight, act_qtype=act, act_static_scale=static,
-                                     act_calibration_method=method))
+    dense = dict(module_path=".*", op_names=("dot_general",), weight_qtype=weight,
+                 act_qtype=act, act_static_scale=static, act_calibration_method=method)
+    out.append(qwix.LoraRule(rank=lowrank, alpha=float(lowrank), **dense) if lowrank
+               else qwix.QuantizationRule(**dense))
     # qwix's PTQ convolution needs one type for weights and activations: a wXaY conv runs as
     # wYaY on kernels rounded to the wX grid first (`conv_weight_grid`), a weight-only one in
     # float on rounded kernels
@@ -231,6 +241,7 @@ class Quantized:
     keep: Any = KEEP  # the rules' settings: the quantized tree's layout depends on them
     act_range: float = ACT_RANGE
     keep_weights: str = "fp32"
+    lowrank: int = 0
 
     @property
     def model_fn(self):
@@ -238,7 +249,8 @@ class Quantized:
 
 
 def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, groups=1,
-             keep=KEEP, act_range=ACT_RANGE, keep_weights="fp32", split=False, batch=256):
+             keep=KEEP, act_range=ACT_RANGE, keep_weights="fp32", split=False, lowrank=0,
+             smooth=0.5, batch=256):
     """`model` (a Flax UNet or DiT) with `variables` ({"params": ...}) quantized by `scheme`.
 
     calibration: "dynamic" (activation scales computed at every call), "static" (one scale per
@@ -250,10 +262,19 @@ def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, gr
     small model, whose embeddings and modulation layers are a large share). act_range: see
     `ACT_RANGE`. split:
     Q-Diffusion's split shortcut for a UNet (`UNet.split_skips`: the h and skip channels of each
-    decoder block's input get their own activation scales). batch: rows per calibration pass."""
+    decoder block's input get their own activation scales). lowrank: SVDQuant's float low-rank
+    branch of this rank on every quantized dense layer, after smoothing its input with
+    SmoothQuant's migration strength `smooth` (needs inputs; dynamic activation scales).
+    batch: rows per calibration pass."""
     check_scheme(scheme, calibration, groups)
     params = variables["params"]
-    how = dict(split=split, keep=keep, act_range=act_range, keep_weights=keep_weights)
+    how = dict(split=split, keep=keep, act_range=act_range, keep_weights=keep_weights,
+               lowrank=lowrank)
+    if lowrank:
+        check_lowrank(scheme, calibration, lowrank, smooth)
+        if inputs is None:
+            raise ValueError(f"lowrank={lowrank} needs inputs= (recorded model calls, for the "
+                             "smoothing statistics: jaxdiff.accel.quant.record_calls)")
     if split:
         from jaxdiff.models.unet import UNet, split_skip_params
 
@@ -273,8 +294,10 @@ def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, gr
                          f"{_conv_modules(params, keep)[0]}); allowed here: w4a8, w8a8, fp8 or "
                          "a weight-only scheme")
     params = conv_weight_grid(params, scheme, keep)
-    rule_list = rules(scheme, calibration, keep, act_range, keep_weights)
-    ptq = qwix.quantize_model(model, qwix.PtqProvider(rule_list))
+    rule_list = rules(scheme, calibration, keep, act_range, keep_weights, lowrank)
+    ptq = inference_model(model, rule_list)
+    if lowrank:
+        params = _lowrank_split(model, params, inputs, scheme, keep, lowrank, smooth, batch)
     if calibration == "dynamic":
         example = _example(model, params, inputs)
         abstract = jax.eval_shape(ptq.init, jax.random.key(0), *example)["params"]
@@ -313,6 +336,114 @@ def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, gr
     bounds = [(level[a[-1]] + level[b[0]]) / 2 for a, b in zip(chunks, chunks[1:])]
     return Quantized(ptq, TimestepParams.stack(trees, bounds), scheme, calibration,
                      groups=groups, **how)
+
+
+def inference_model(model, rule_list):
+    """`model` under qwix's PTQ provider for `rule_list`; with SVDQuant's low-rank branch
+    (`LoraRule`s) under `_smoothed_lora_provider`'s."""
+    import qwix
+
+    lora = any(isinstance(r, qwix.LoraRule) for r in rule_list)
+    provider = _smoothed_lora_provider() if lora else qwix.PtqProvider
+    return qwix.quantize_model(model, provider(rule_list))
+
+
+@functools.cache
+def _smoothed_lora_provider():
+    import qwix
+    from qwix._src.providers import ptq
+    from qwix._src.utils import flax_util
+
+    class SmoothedLoraProvider(qwix.LoraProvider):
+        """qwix's LoRA provider (a PTQ base op plus a float low-rank branch) with SVDQuant's
+        smoothing: the input of a weight op under a `LoraRule` is multiplied per contracted
+        channel by the layer's `<weight>_smooth` parameter (1/lambda) before both branches."""
+
+        def dot_general(self, lhs, rhs, dimension_numbers, *args, **kwargs):
+            rule, _ = self._get_current_rule_and_op_id("dot_general", only_rule=True)
+            name = flax_util.find_param(rhs, ptq.WithAux)
+            (lhs_ca, _), (lhs_ba, _) = dimension_numbers
+            if (isinstance(rule, qwix.LoraRule) and name is not None and len(lhs_ca) == 1
+                    and not lhs_ba):
+                axis, n = lhs_ca[0], lhs.shape[lhs_ca[0]]
+                smooth = flax_util.get_or_create_param(
+                    name + "_smooth", lambda: jnp.ones((n,), jnp.float32))
+                shape = [1] * lhs.ndim
+                shape[axis] = n
+                lhs = lhs * jnp.reshape(smooth, shape).astype(lhs.dtype)
+            return super().dot_general(lhs, rhs, dimension_numbers, *args, **kwargs)
+
+    return SmoothedLoraProvider
+
+
+def check_lowrank(scheme, calibration, lowrank, smooth=0.5):
+    """One-line ValueError for a low-rank branch (SVDQuant) the scheme or calibration can't
+    take, or settings out of range."""
+    if not (isinstance(lowrank, (int, np.integer)) and lowrank >= 0):
+        raise ValueError(f"lowrank={lowrank!r} must be an integer >= 0 (0: no low-rank branch)")
+    weight, act = SCHEMES[scheme]
+    if weight is None or act is None:
+        raise ValueError(f"lowrank={lowrank} (SVDQuant) needs quantized weights and activations; "
+                         f"scheme {scheme!r} quantizes not both (allowed: w4a4, w4a8, w8a8, fp8)")
+    if calibration != "dynamic":
+        raise ValueError(f"lowrank={lowrank} (SVDQuant) uses dynamic activation scales; got "
+                         f"calibration={calibration!r} (allowed: 'dynamic')")
+    if not 0 <= smooth <= 1:
+        raise ValueError(f"smooth={smooth!r} is a migration strength; allowed: 0 <= smooth <= 1")
+
+
+def _lowrank_split(model, params, inputs, scheme, keep, rank, smooth, batch):
+    """SVDQuant's decomposition of every quantized dense kernel W (in, out): lambda per input
+    channel from qwix.contrib's SmoothQuant calibration over `inputs` (migration strength
+    `smooth`), then lambda·W = L1·L2 (its top-`rank` singular triplets, float64 SVD) + R. The
+    tree gets kernel = R and kernel_lora_a = L1, kernel_lora_b = L2, kernel_smooth = 1/lambda."""
+    import flax
+    import qwix
+    from qwix._src import averaging
+    from qwix.contrib import smooth_quant
+
+    weight, act = SCHEMES[scheme]
+    sq_rules = ([qwix.QuantizationRule(module_path=keep)] if keep else []) + [
+        smooth_quant.SqRule(module_path=".*", op_names=("dot_general",), weight_qtype=weight,
+                            act_qtype=act, alpha=float(smooth))]
+    cal = qwix.quantize_model(model, smooth_quant.SqCalibrationProvider(sq_rules))
+
+    def step(stats, x, t, *a):
+        variables = {"params": params} if stats is None else {"params": params,
+                                                              "quant_stats": stats}
+        return cal.apply(variables, x, t, *a, mutable=["quant_stats"])[1]["quant_stats"]
+
+    first, update = jax.jit(functools.partial(step, None)), jax.jit(step)
+    xs, ts, args = inputs
+    stats = None
+    for i in range(len(xs)):
+        for lo in range(0, xs.shape[1], batch):
+            rows = slice(lo, lo + batch)
+            batch_in = (xs[i][rows], ts[i][rows], *(a[i][rows] for a in args))
+            stats = first(*batch_in) if stats is None else update(stats, *batch_in)
+    stats = flax.traverse_util.flatten_dict(stats)
+    flat = flax.traverse_util.flatten_dict(params)
+    out = dict(flat)
+    for path, w in flat.items():
+        key = (*path[:-1], path[-1] + "_sq")
+        st = {k[len(key)]: v for k, v in stats.items() if k[:len(key)] == key}
+        if not st or np.ndim(w) != 2:
+            continue
+        if rank > min(np.shape(w)):
+            raise ValueError(f"lowrank={rank} is more than the rank of {'/'.join(path)} "
+                             f"{tuple(np.shape(w))}; allowed: 1..{min(np.shape(w))}")
+        lam = np.asarray(averaging.SimpleMovingAverage().get_calibration(st)["sq_scale"],
+                         np.float64)
+        scaled = np.asarray(w, np.float64) * lam[:, None]
+        u, sv, vt = np.linalg.svd(scaled, full_matrices=False)
+        l1, l2 = u[:, :rank] * sv[:rank], vt[:rank]
+        dtype = jnp.asarray(w).dtype
+        out[path] = jnp.asarray(scaled - l1 @ l2, dtype)
+        stem = path[-1]
+        out[(*path[:-1], stem + "_lora_a")] = jnp.asarray(l1, dtype)
+        out[(*path[:-1], stem + "_lora_b")] = jnp.asarray(l2, dtype)
+        out[(*path[:-1], stem + "_smooth")] = jnp.asarray(1.0 / lam, dtype)
+    return flax.traverse_util.unflatten_dict(out)
 
 
 def _conv_modules(params, keep):
@@ -367,5 +498,5 @@ def param_bytes(params):
 
 
 __all__ = ["ACT_RANGE", "CALIBRATIONS", "KEEP", "SCHEMES", "Quantized", "QuantizedApply",
-           "TimestepParams", "check_scheme", "conv_weight_grid", "param_bytes", "quantize",
-           "record_calls", "recorded", "rules"]
+           "TimestepParams", "check_lowrank", "check_scheme", "conv_weight_grid",
+           "inference_model", "param_bytes", "quantize", "record_calls", "recorded", "rules"]

@@ -260,11 +260,10 @@ def abstract_params(model, info):
         return qmodel, jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16)
             if jnp.issubdtype(s.dtype, jnp.floating) else s, shapes)
-    import qwix
 
     settings = info.get("rules", {"keep": info.get("keep")})
-    qmodel = qwix.quantize_model(model, qwix.PtqProvider(
-        quant.rules(info["scheme"], info["calibration"], **settings)))
+    qmodel = quant.inference_model(model, quant.rules(info["scheme"], info["calibration"],
+                                                      **settings))
     shapes = _unbox(jax.eval_shape(qmodel.init, key, *example)["params"])
     ts = info.get("timestep")
     if ts is None:

@@ -279,10 +279,10 @@ def load_quantized(config, directory):
 
 
 def quantized_summary(q, info, directory):
-    """What a report says of a quantized network: {path, scheme, calibration, groups,
+    """What a report says of a quantized network: {path, scheme, calibration, groups, lowrank,
     param_bytes, step}."""
     return {"path": os.path.abspath(directory), "scheme": q.scheme,
-            "calibration": q.calibration, "groups": q.groups,
+            "calibration": q.calibration, "groups": q.groups, "lowrank": q.lowrank,
             "param_bytes": int(info["param_bytes"]), "step": info.get("meta", {}).get("step")}
 
 
@@ -323,14 +323,16 @@ def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=N
         np.savez(os.path.splitext(out)[0] + ".npz", samples=x,
                  labels=np.zeros(0) if labels is None else labels)
         what = ("" if q is None else
-                f", quantized {quantized_name(q.scheme, q.calibration, q.groups)}")
+                f", quantized {quantized_name(q.scheme, q.calibration, q.groups, q.lowrank)}")
         print(f"wrote {out} ({num} samples, step {step}{what})")
 
 
-def quantized_name(scheme, calibration, groups):
-    """'w8a8-dynamic', 'w8a8-timestep4': a quantized network's scheme and calibration (the
-    default directory name of `jaxdiff quantize`, under RUN/quantized/)."""
-    return f"{scheme}-{calibration}" + (str(groups) if calibration == "timestep" else "")
+def quantized_name(scheme, calibration, groups, lowrank=0):
+    """'w8a8-dynamic', 'w8a8-timestep4', 'w4a4-dynamic-svd16': a quantized network's scheme,
+    calibration and low-rank branch (the default directory name of `jaxdiff quantize`, under
+    RUN/quantized/)."""
+    return (f"{scheme}-{calibration}" + (str(groups) if calibration == "timestep" else "")
+            + (f"-svd{lowrank}" if lowrank else ""))
 
 
 def _save_samples(path, x, cols=None):

@@ -196,7 +196,8 @@ def _write_sweep(out, head, rows, metric):
              f"\n{real_data_line(head)}\n")
     if "quantized" in head:
         q = head["quantized"]
-        name = commands.quantized_name(q["scheme"], q["calibration"], q["groups"])
+        name = commands.quantized_name(q["scheme"], q["calibration"], q["groups"],
+                                           q.get("lowrank", 0))
         text += (f"\nThe network: quantized {name} ({q['param_bytes']} parameter bytes), "
                  f"{q['path']}.\n")
     images.write_atomically(out + ".md", lambda tmp: pathlib.Path(tmp).write_text(text))

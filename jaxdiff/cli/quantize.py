@@ -3,7 +3,8 @@ run's EMA network, written as a quantized checkpoint (`jaxdiff.accel.quant_ckpt`
 
     jaxdiff quantize --workdir RUN --scheme w8a8 [--calibration dynamic|static|timestep]
                      [--groups 4] [--calib 256] [--keep default|none] [--keep_weights fp32|int8]
-                     [--act_range 2.0] [--split] [--seed 1000] [--out DIR]
+                     [--act_range 2.0] [--split] [--lowrank R [--smooth 0.5]] [--seed 1000]
+                     [--out DIR]
 
 Schemes: w8a8, w4a8, w4a16, w8a16, fp8, w4a4, bf16. Calibration: dynamic (the default: activation
 scales computed at every call, nothing sampled), static (one scale per op) or timestep (--groups
@@ -14,8 +15,11 @@ models: classes cycled, under CFG the network sees the 2N rows of [x; x]) from n
 --seed (default 1000, apart from sampling's default 0), and record every network call. --keep
 default keeps the sensitive layers (time / label / patch embeddings, first and last layers,
 modulation projections) in float (--keep_weights int8: their dense weights in int8); none
-quantizes them too. --split (UNet): Q-Diffusion's split shortcut. Default --out:
-RUN/quantized/<scheme>-<calibration>[<groups>]; an existing one is replaced atomically. Then:
+quantizes them too. --split (UNet): Q-Diffusion's split shortcut. --lowrank R: SVDQuant's
+float rank-R branch on every quantized dense layer after SmoothQuant smoothing (migration
+strength --smooth; dynamic activation scales; records --calib draws for the smoothing
+statistics). Default --out: RUN/quantized/<scheme>-<calibration>[<groups>][-svd<R>]; an
+existing one is replaced atomically. Then:
 
     jaxdiff sample --workdir RUN --quantized DIR    (and jaxdiff eval --quantized DIR)
 """
@@ -68,6 +72,11 @@ def parser():
     ap.add_argument("--act_range", metavar="R", type=float, default=None,
                     help="static, timestep: activation range = R x the calibration rows' mean "
                          "absmax (default: quant.ACT_RANGE, 2; 1 is qwix's own, which clips)")
+    ap.add_argument("--lowrank", metavar="R", type=int, default=0,
+                    help="SVDQuant: a float rank-R branch on each quantized dense layer, after "
+                         "smoothing its input (dynamic calibration; default 0: none)")
+    ap.add_argument("--smooth", metavar="A", type=float, default=0.5,
+                    help="--lowrank: SmoothQuant's migration strength in [0, 1] (default 0.5)")
     ap.add_argument("--split", action="store_true",
                     help="UNet: Q-Diffusion's split shortcut (the decoder's [h; skip] inputs "
                          "get two activation scales)")
@@ -128,6 +137,10 @@ def check_flags(args):
     if args.act_range is not None and not (math.isfinite(args.act_range)
                                            and args.act_range > 0):
         raise _UsageError(f"--act_range={args.act_range} must be a finite number > 0")
+    if args.lowrank < 0:
+        raise _UsageError(f"--lowrank={args.lowrank} must be an integer >= 0 (0: none)")
+    if not 0 <= args.smooth <= 1:
+        raise _UsageError(f"--smooth={args.smooth} must be in [0, 1]")
     if not 0 <= args.seed < 2**63 - 1:
         raise _UsageError(f"--seed={args.seed} must be an integer in [0, 2**63 - 1)")
     if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
@@ -163,6 +176,8 @@ def quantize(args):
     from jaxdiff.accel import quant
 
     quant.check_scheme(args.scheme, args.calibration, groups)  # combinations: exit 1
+    if args.lowrank:
+        quant.check_lowrank(args.scheme, args.calibration, args.lowrank, args.smooth)
     import numpy as np
 
     from jaxdiff.accel import quant_ckpt
@@ -177,7 +192,7 @@ def quantize(args):
     example = (np.zeros((1,) + shape, np.float32), np.zeros(1, np.float32),
                *((np.zeros(1, np.int32),) if K else ()))
     s = config.sampler
-    if args.calibration == "dynamic":  # no statistics: one input for the shapes
+    if args.calibration == "dynamic" and not args.lowrank:  # no statistics: one input (shapes)
         inputs, calls = (example[0][None], example[1][None], tuple(a[None] for a in example[2:])), 0
     else:
         inputs = _record(config, model, process, params, mesh, num=args.calib, seed=args.seed,
@@ -190,8 +205,8 @@ def quantize(args):
     q = quant.quantize(model, {"params": params}, args.scheme, calibration=args.calibration,
                        inputs=inputs, groups=groups, keep=keep,
                        keep_weights=args.keep_weights, split=args.split,
-                       act_range=act_range)
-    name = commands.quantized_name(args.scheme, args.calibration, groups)
+                       act_range=act_range, lowrank=args.lowrank, smooth=args.smooth)
+    name = commands.quantized_name(args.scheme, args.calibration, groups, args.lowrank)
     out = args.out or os.path.join(args.workdir, "quantized", name)
     float_bytes = quant.param_bytes(params)
     meta = {"run": os.path.abspath(args.workdir), "step": step,
