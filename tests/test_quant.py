@@ -230,3 +230,30 @@ def test_lowrank_branch_absorbs_outliers():
         quant.quantize(net, variables, "w4a4", inputs=inputs, keep=None, lowrank=17)
     with pytest.raises(ValueError, match=r"lowrank=4 needs inputs="):
         quant.quantize(net, variables, "w4a4", keep=None, lowrank=4)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "w4a16", "w8a16", "fp8"])
+def test_weight_round_trip_error_is_within_half_a_step(scheme):
+    """Quantize -> dequantize of a dense kernel: integer schemes round to steps of
+    absmax / (qmax + 1/2) per output channel (qwix's symmetric grid, qmax = 2^(b-1) - 1, the
+    largest entry clipped to qmax), error <= half a step; e4m3 keeps 3 mantissa bits (relative
+    error <= 2^-4 on normals)."""
+    import qwix
+
+    net, x = Outliers(), np.ones((2, 3, 32), np.float32)
+    variables = _variables(net, x, jnp.zeros(2))
+    w = np.asarray(variables["params"]["fc"]["kernel"])
+    q = quant.quantize(net, variables, scheme, inputs=(x[None], np.zeros((1, 2)), ()), keep=None)
+    array = q.params["fc"]["kernel"].array
+    back = np.asarray(qwix.dequantize(array), np.float64)
+    err = np.abs(back - w)
+    weight = quant.SCHEMES[scheme][0]
+    if weight.startswith("int"):
+        qmax = 2 ** (int(weight[3:]) - 1) - 1
+        step = np.abs(w).max(axis=0) / (qmax + 0.5)  # per output channel
+        np.testing.assert_allclose(np.asarray(array.scale).ravel(), step, rtol=1e-6)
+        assert np.all(err <= step / 2 * (1 + 1e-4)), (err / step).max()  # float32 rounding
+        assert (err / step).max() > 0.3  # it does round
+    else:
+        normal = np.abs(w) > 1e-2 * np.abs(w).max(axis=0)
+        assert np.all(err[normal] <= 2.0 ** -4 * np.abs(w[normal]) * (1 + 1e-5))

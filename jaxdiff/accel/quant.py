@@ -267,7 +267,9 @@ def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, gr
     SmoothQuant's migration strength `smooth` (needs inputs; dynamic activation scales).
     batch: rows per calibration pass."""
     check_scheme(scheme, calibration, groups)
-    params = variables["params"]
+    import flax.linen as nn
+
+    params = nn.unbox(variables["params"])  # an init's LogicallyPartitioned boxes
     how = dict(split=split, keep=keep, act_range=act_range, keep_weights=keep_weights,
                lowrank=lowrank)
     if lowrank:
@@ -315,8 +317,8 @@ def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, gr
     stats0 = qt.init(jax.random.key(0), *first)["quant_stats"]
     abstract = jax.eval_shape(ptq.init, jax.random.key(0), *first)["params"]
 
-    @jax.jit
-    def update(stats, x, t, *a):
+    @jax.jit  # params as an argument: not baked into the program as constants
+    def update(params, stats, x, t, *a):
         _, new = qt.apply({"params": params, "quant_stats": stats}, x, t, *a,
                           mutable=["quant_stats"])
         return new["quant_stats"]
@@ -328,7 +330,8 @@ def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, gr
             for i in chunk:
                 for lo in range(0, xs.shape[1], batch):
                     rows = slice(lo, lo + batch)
-                    stats = update(stats, xs[i][rows], ts[i][rows], *(a[i][rows] for a in args))
+                    stats = update(params, stats, xs[i][rows], ts[i][rows],
+                                   *(a[i][rows] for a in args))
             trees.append(qwix.quantize_params(params, abstract, stats))
     if calibration == "static":
         return Quantized(ptq, trees[0], scheme, calibration, **how)
@@ -408,19 +411,21 @@ def _lowrank_split(model, params, inputs, scheme, keep, rank, smooth, batch):
                             act_qtype=act, alpha=float(smooth))]
     cal = qwix.quantize_model(model, smooth_quant.SqCalibrationProvider(sq_rules))
 
-    def step(stats, x, t, *a):
+    def step(params, stats, x, t, *a):
         variables = {"params": params} if stats is None else {"params": params,
                                                               "quant_stats": stats}
         return cal.apply(variables, x, t, *a, mutable=["quant_stats"])[1]["quant_stats"]
 
-    first, update = jax.jit(functools.partial(step, None)), jax.jit(step)
+    first = jax.jit(lambda params, *a: step(params, None, *a))
+    update = jax.jit(step)
     xs, ts, args = inputs
     stats = None
     for i in range(len(xs)):
         for lo in range(0, xs.shape[1], batch):
             rows = slice(lo, lo + batch)
             batch_in = (xs[i][rows], ts[i][rows], *(a[i][rows] for a in args))
-            stats = first(*batch_in) if stats is None else update(stats, *batch_in)
+            stats = (first(params, *batch_in) if stats is None
+                     else update(params, stats, *batch_in))
     stats = flax.traverse_util.flatten_dict(stats)
     flat = flax.traverse_util.flatten_dict(params)
     out = dict(flat)
