@@ -139,6 +139,72 @@ def conv_weight_grid(params, scheme, keep=KEEP):
     return jax.tree_util.tree_map_with_path(grid, params)
 
 
+def _is_conv_kernel(path, node, keep):
+    import re
+
+    module = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+    return (getattr(path[-1], "key", None) == "kernel" and len(node.shape) == 4
+            and not (keep and re.fullmatch(keep, module)))
+
+
+def pack_convs(params, scheme, keep=KEEP):
+    """The quantized tree with each convolution kernel stored at the scheme's weight type where
+    qwix's convolution runs it at another (`conv_weight_grid`): a wXaY kernel (qwix: wYaY on the
+    wX grid) as its wX integers and their scale, a weight-only one (float in qwix) as a qwix
+    `QArray`. Exact: the same numbers, in fewer bytes; `unpack_convs` undoes it at each call.
+    A pure function of the tree, so it also maps abstract (ShapeDtypeStruct) trees."""
+    weight, act = SCHEMES[scheme]
+    if weight is None or weight == act:
+        return params
+    import qwix
+    from qwix._src.core import numerics
+    from qwix._src.providers.ptq import WithAux
+
+    qmax = 2 ** (jnp.iinfo(jnp.dtype(weight)).bits - 1) - 1
+
+    def pack(path, node):
+        if isinstance(node, WithAux) and _is_conv_kernel(path, node.array.qvalue, keep):
+            # kernel on the wX grid (absmax qmax * s), then qwix's wY: step s' = qmax * s / B
+            # (B its symmetric bound), so the wX integer is round(q * qmax / B), exactly
+            ratio = numerics.get_symmetric_bound(node.array.qvalue.dtype) / qmax
+            a = node.array
+            g = jnp.round(a.qvalue.astype(jnp.float32) / ratio).astype(weight)
+            return node.replace(array=a.replace(qvalue=g, scale=a.scale * ratio))
+        if not isinstance(node, WithAux) and _is_conv_kernel(path, node, keep) and act is None:
+            scale = jnp.max(jnp.abs(node), axis=(0, 1, 2), keepdims=True) / qmax
+            scale = jnp.where(scale == 0, 1.0, scale)
+            return qwix.QArray(qvalue=jnp.round(node / scale).astype(weight),
+                               scale=scale.astype(node.dtype))
+        return node
+
+    return jax.tree_util.tree_map_with_path(pack, params,
+                                            is_leaf=lambda n: isinstance(n, WithAux))
+
+
+def _packs(scheme):
+    weight, act = SCHEMES[scheme]
+    return weight is not None and weight != act
+
+
+def unpack_convs(params):
+    """What qwix's model takes from a `pack_convs` tree: int4 convolution integers widened to
+    int8 (the wYaY grid's container; the same values) and weight-only kernels dequantized."""
+    import qwix
+    from qwix._src.providers.ptq import WithAux
+
+    def unpack(node):
+        if isinstance(node, WithAux) and node.array.qvalue.ndim == 4 and (
+                node.array.qvalue.dtype == jnp.int4):
+            return node.replace(array=node.array.replace(qvalue=node.array.qvalue.astype(
+                jnp.int8)))
+        if isinstance(node, qwix.QArray) and node.qvalue.ndim == 4:
+            return qwix.dequantize(node)
+        return node
+
+    return jax.tree.map(unpack, params, is_leaf=lambda n: isinstance(n, (WithAux,
+                                                                           qwix.QArray)))
+
+
 # --- recording the calibration inputs ------------------------------------------------------------
 
 def record_calls(model_fn, x, t, *args, capacity):
@@ -220,10 +286,13 @@ class QuantizedApply:
     with the params as data); the output in float32."""
 
     model: Any
+    packed: bool = False  # convolution kernels stored by `pack_convs`
 
     def __call__(self, params, x, t, *args):
         if isinstance(params, TimestepParams):
             params = params.select(t)
+        if self.packed:
+            params = unpack_convs(params)
         return self.model.apply({"params": params}, x, t, *args).astype(jnp.float32)
 
 
@@ -245,7 +314,8 @@ class Quantized:
 
     @property
     def model_fn(self):
-        return jax.tree_util.Partial(QuantizedApply(self.model), self.params)
+        packed = _packs(self.scheme)
+        return jax.tree_util.Partial(QuantizedApply(self.model, packed), self.params)
 
 
 def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, groups=1,
@@ -303,7 +373,8 @@ def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, gr
     if calibration == "dynamic":
         example = _example(model, params, inputs)
         abstract = jax.eval_shape(ptq.init, jax.random.key(0), *example)["params"]
-        return Quantized(ptq, qwix.quantize_params(params, abstract), scheme, calibration, **how)
+        return Quantized(ptq, pack_convs(qwix.quantize_params(params, abstract), scheme, keep),
+                         scheme, calibration, **how)
     if inputs is None:
         raise ValueError(f"calibration={calibration!r} needs inputs= (recorded model calls: "
                          "jaxdiff.accel.quant.record_calls, then recorded(state))")
@@ -332,7 +403,7 @@ def quantize(model, variables, scheme, *, calibration="dynamic", inputs=None, gr
                     rows = slice(lo, lo + batch)
                     stats = update(params, stats, xs[i][rows], ts[i][rows],
                                    *(a[i][rows] for a in args))
-            trees.append(qwix.quantize_params(params, abstract, stats))
+            trees.append(pack_convs(qwix.quantize_params(params, abstract, stats), scheme, keep))
     if calibration == "static":
         return Quantized(ptq, trees[0], scheme, calibration, **how)
     level = _level(ts)
@@ -504,4 +575,5 @@ def param_bytes(params):
 
 __all__ = ["ACT_RANGE", "CALIBRATIONS", "KEEP", "SCHEMES", "Quantized", "QuantizedApply",
            "TimestepParams", "check_lowrank", "check_scheme", "conv_weight_grid",
-           "inference_model", "param_bytes", "quantize", "record_calls", "recorded", "rules"]
+           "inference_model", "pack_convs", "param_bytes", "quantize", "record_calls", "recorded",
+           "rules", "unpack_convs"]

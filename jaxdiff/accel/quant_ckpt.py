@@ -265,6 +265,8 @@ def abstract_params(model, info):
     qmodel = quant.inference_model(model, quant.rules(info["scheme"], info["calibration"],
                                                       **settings))
     shapes = _unbox(jax.eval_shape(qmodel.init, key, *example)["params"])
+    shapes = jax.eval_shape(lambda p: quant.pack_convs(p, info["scheme"], settings.get(
+        "keep", quant.KEEP)), shapes)
     ts = info.get("timestep")
     if ts is None:
         return qmodel, shapes
