@@ -191,8 +191,9 @@ def time_rows(model, rows, inputs, num, repeats, folder):
 
 
 def weight_bytes(model, row, inputs):
-    """(bytes of the quantized weight matrices: their qvalues and scales; their float32
-    bytes): the weights alone, without the layers kept in float, biases and norms. The weights
+    """(bytes of the quantized weight matrices: their qvalues and scales, and SVDQuant's
+    branch; their float32 bytes): the weights alone, without the layers kept in float, biases
+    and norms. The weights
     do not depend on the activation calibration, so dynamic stands in for it."""
     if row["scheme"] in ("fp32", "bf16"):
         return None, None
@@ -204,8 +205,8 @@ def weight_bytes(model, row, inputs):
         if name.endswith(".array.qvalue"):
             q += quant.param_bytes([leaf])
             f += 4 * leaf.size
-        elif name.endswith(".array.scale"):
-            q += quant.param_bytes([leaf])
+        elif name.endswith((".array.scale", "_lora_a']", "_lora_b']", "_smooth']")):
+            q += quant.param_bytes([leaf])  # scales; SVDQuant's float branch and smoothing
     return q, f
 
 

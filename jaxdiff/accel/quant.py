@@ -108,7 +108,7 @@ def rules(scheme, calibration="dynamic", keep=KEEP, act_range=ACT_RANGE, keep_we
                else qwix.QuantizationRule(**dense))
     # qwix's PTQ convolution needs one type for weights and activations: a wXaY conv runs as
     # wYaY on kernels rounded to the wX grid first (`conv_weight_grid`), a weight-only one in
-    # float on rounded kernels
+    # float on rounded kernels; both are stored at the wX type (`pack_convs`)
     if act is not None:
         out.append(qwix.QuantizationRule(module_path=".*", op_names=("conv_general_dilated",),
                                          weight_qtype=act, act_qtype=act,
