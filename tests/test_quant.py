@@ -259,8 +259,9 @@ def test_weight_round_trip_error_is_within_half_a_step(scheme):
         assert np.all(err[normal] <= 2.0 ** -4 * np.abs(w[normal]) * (1 + 1e-5))
 
 
-@pytest.mark.parametrize("scheme", ["w4a8", "w4a16", "w8a16"])
-def test_conv_kernels_are_stored_at_the_weight_type(scheme, monkeypatch, tmp_path):
+@pytest.mark.parametrize("scheme,calibration", [("w4a8", "static"), ("w4a16", "dynamic"),
+                                                ("w8a16", "dynamic")])
+def test_conv_kernels_are_stored_at_the_weight_type(scheme, calibration, monkeypatch, tmp_path):
     """qwix's convolution holds one type for weights and activations, so a w4a8 kernel runs as
     int8 on the int4 grid and a weight-only one in float: `pack_convs` stores them as their
     int4 / int8 integers and scales, the same network in fewer bytes, and the quantized
@@ -271,14 +272,14 @@ def test_conv_kernels_are_stored_at_the_weight_type(scheme, monkeypatch, tmp_pat
     unet = UNet(channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(),
                 mid_attn=False, norm_groups=4, num_classes=3)
     variables = _variables(unet, X, T, Y)
-    q = quant.quantize(unet, variables, scheme, inputs=INPUTS)
+    q = quant.quantize(unet, variables, scheme, inputs=INPUTS, calibration=calibration)
     weight = jnp.dtype(quant.SCHEMES[scheme][0])
     convs = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(q.params)[0]
              if leaf.ndim == 4 and "qvalue" in jax.tree_util.keystr(path)]
     assert len(convs) >= 4 and all(c.dtype == weight for c in convs), [c.dtype for c in convs]
     with monkeypatch.context() as m:
         m.setattr(quant, "pack_convs", lambda params, *a, **k: params)
-        plain = quant.quantize(unet, variables, scheme, inputs=INPUTS)
+        plain = quant.quantize(unet, variables, scheme, inputs=INPUTS, calibration=calibration)
     n = sum(c.size for c in convs)  # bytes per conv weight: 1 -> 1/2 (w4a8), 4 -> bits / 8
     per = (1 if scheme == "w4a8" else 4) - weight.itemsize * (0.5 if weight == jnp.int4 else 1)
     saved = quant.param_bytes(plain.params) - quant.param_bytes(q.params)
@@ -293,6 +294,8 @@ def test_conv_kernels_are_stored_at_the_weight_type(scheme, monkeypatch, tmp_pat
     checked = 0
     for path, node in jax.tree_util.tree_flatten_with_path(
             used, is_leaf=lambda n: isinstance(n, WithAux))[0]:
+        if isinstance(node, WithAux) and not isinstance(node.array, qwix.QArray):
+            continue  # a static activation scale
         kernel = qwix.dequantize(node.array) if isinstance(node, WithAux) else node
         if kernel.ndim == 4 and "conv_in" not in str(path) and "conv_out" not in str(path):
             want = grid

@@ -163,7 +163,8 @@ def pack_convs(params, scheme, keep=KEEP):
     qmax = 2 ** (jnp.iinfo(jnp.dtype(weight)).bits - 1) - 1
 
     def pack(path, node):
-        if isinstance(node, WithAux) and _is_conv_kernel(path, node.array.qvalue, keep):
+        if (isinstance(node, WithAux) and isinstance(node.array, qwix.QArray)
+                and _is_conv_kernel(path, node.array.qvalue, keep)):
             # kernel on the wX grid (absmax qmax * s), then qwix's wY: step s' = qmax * s / B
             # (B its symmetric bound), so the wX integer is round(q * qmax / B), exactly
             ratio = numerics.get_symmetric_bound(node.array.qvalue.dtype) / qmax
@@ -193,8 +194,8 @@ def unpack_convs(params):
     from qwix._src.providers.ptq import WithAux
 
     def unpack(node):
-        if isinstance(node, WithAux) and node.array.qvalue.ndim == 4 and (
-                node.array.qvalue.dtype == jnp.int4):
+        if (isinstance(node, WithAux) and isinstance(node.array, qwix.QArray)
+                and node.array.qvalue.ndim == 4 and node.array.qvalue.dtype == jnp.int4):
             return node.replace(array=node.array.replace(qvalue=node.array.qvalue.astype(
                 jnp.int8)))
         if isinstance(node, qwix.QArray) and node.qvalue.ndim == 4:
