@@ -242,32 +242,40 @@ def report(all_rows, path_md, path_png, args):
 
 
 def plot(all_rows, path):
-    """FD of every row (horizontal bars, coloured by calibration), fp32 and the issue's +5% /
-    +15% marks dashed."""
+    """Per model, FD (fp32 and the issue's +5% / +15% marked) and the RMS distance to the fp32
+    samples from the same noise, one bar per row, coloured by calibration."""
+    from matplotlib.patches import Patch
+
     from jaxdiff.eval.plots import _pyplot
 
     plt = _pyplot()
     names = list(dict.fromkeys(r["model"] for r in all_rows))
-    height = 0.22 * max(sum(r["model"] == n for r in all_rows) for n in names) + 1.2
-    fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), height), squeeze=False)
+    height = 0.22 * max(sum(r["model"] == n for r in all_rows) for n in names) + 1.4
+    fig, axes = plt.subplots(1, 2 * len(names), figsize=(5.2 * 2 * len(names), height),
+                             squeeze=False)
     colors = {"-": "k", "dynamic": "tab:blue", "static": "tab:red", "timestep": "tab:green"}
-    for ax, name in zip(axes[0], names):
+    for k, name in enumerate(names):
         rows = [r for r in all_rows if r["model"] == name]
         y = np.arange(len(rows))[::-1]
-        ax.barh(y, [r["fd"] for r in rows], color=[colors[r["calibration"]] for r in rows],
-                hatch=None)
-        ax.set_yticks(y, [r["label"] for r in rows], fontsize=7)
+        c = [colors[r["calibration"]] for r in rows]
+        fd_ax, dev_ax = axes[0][2 * k], axes[0][2 * k + 1]
+        fd_ax.barh(y, [r["fd"] for r in rows], color=c)
+        fd_ax.set_yticks(y, [r["label"] for r in rows], fontsize=7)
         fp = rows[0]["fd"]
         for f, ls in ((1.0, "-"), (1.05, "--"), (1.15, ":")):
-            ax.axvline(fp * f, color="k", lw=0.8, ls=ls)
-        ax.set_xlim(0, max(max(r["fd"] for r in rows), 1.3 * fp) * 1.05)
-        ax.set_xlabel("FD_digits (lower is better); lines: fp32, +5%, +15%")
-        ax.set_title(name)
-        for c in ("dynamic", "static", "timestep"):
-            ax.barh([], [], color=colors[c], label=c)
-        ax.legend(fontsize=7, loc="lower right")
+            fd_ax.axvline(fp * f, color="k", lw=0.8, ls=ls)
+        fd_ax.set_xlim(0, max(max(r["fd"] for r in rows), 1.3 * fp) * 1.05)
+        fd_ax.set_xlabel("FD_digits; lines: fp32, +5%, +15%")
+        fd_ax.set_title(f"{name}: FD")
+        dev_ax.barh(y, [r["dev"] for r in rows], color=c)
+        dev_ax.set_yticks(y, [])
+        dev_ax.set_xlabel("RMS distance to fp32 samples (same noise)")
+        dev_ax.set_title(f"{name}: deviation from fp32")
+        dev_ax.legend(handles=[Patch(color=colors[n], label=n)
+                               for n in ("dynamic", "static", "timestep")],
+                      fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
