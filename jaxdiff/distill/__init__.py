@@ -1,0 +1,15 @@
+"""Few-step generation by training (issue 15, work in progress): objectives for
+`jaxdiff.train.make_train_step` that distil a teacher into a few-step student or train a
+consistency model (`objectives`)."""
+
+from jaxdiff.distill.objectives import (
+    consistency_function,
+    consistency_objective,
+    karras_levels,
+    ode_step,
+    pd_target,
+    progressive_objective,
+)
+
+__all__ = ["consistency_function", "consistency_objective", "karras_levels", "ode_step",
+           "pd_target", "progressive_objective"]

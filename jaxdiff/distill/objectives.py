@@ -1,0 +1,181 @@
+"""Few-step objectives for `jaxdiff.train.make_train_step`: progressive distillation,
+consistency distillation and consistency training (issue 15, work in progress).
+
+Each is `objective(params, batch, key, frozen) -> (loss, aux)`, the protocol of
+`make_train_step`: `params` are the student's, `frozen` the teacher's (never differentiated),
+batch = {"x": data, "label": classes (class-conditional models)}. Networks are callables
+`apply(params, x, t, *labels)` returning the raw output of their `prediction` type (e.g.
+`jaxdiff.train.step.ModelApply(flax_module)`); everything is written on their denoisers in the
+VE view (x_ve = x0 + s eps, D(x_ve, s) ~ E[x0 | x_ve]; `jaxdiff.core.denoiser.denoiser`), so
+one formula serves every process and prediction.
+
+- Progressive distillation (Salimans & Ho 2022, Alg. 2): the student takes one DDIM step where
+  the teacher takes two. From x at level s, two teacher DDIM steps s -> s_mid -> s_next land on
+  x''; the student's x0 target is the x0 whose single DDIM step s -> s_next lands there,
+  x~ = (x'' - r x) / (1 - r), r = s_next / s (x~ = x'' on the last step, s_next = 0). Loss: the
+  x0 error weighted by max(SNR, 1) = max(1 / s^2, 1) ("truncated SNR", their Sec. 4).
+- Consistency models (Song et al. 2023; iCT: Song & Dhariwal 2023). The consistency function
+  is the DDIM jump of the network's denoiser to sigma_min, f(x, s) = D + (sigma_min / s)(x - D):
+  exactly x at s = sigma_min (the boundary condition) for any network, and the teacher's own
+  one-step map when the student starts as the teacher. The loss compares f at adjacent levels
+  s_hi > s_lo of a Karras grid on the same noise: d(f_theta(x_hi, s_hi), sg f_theta(x_lo, s_lo))
+  weighted by 1 / (s_hi - s_lo) (iCT), with d the pseudo-Huber distance
+  sqrt(|a - b|^2 + c^2) - c, c = 0.00054 sqrt(dim) (iCT Sec. 3.3), or "l2". The target uses the
+  student's current params under stop_gradient (iCT drops the EMA teacher of the original CM).
+  - distillation (CD): x_lo is one step of a jaxdiff sampler (Heun by default, or any
+    callable) on the teacher's probability-flow ODE from x_hi = x0 + s_hi z;
+  - training (CT): x_lo = x0 + s_lo z, the same z (no teacher).
+
+Not here yet (issue 15): guided distillation, reflow, iCT's discretization curriculum and
+lognormal level sampling, the samplers of the students, the CLI and the benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.core.denoiser import ddim_step, denoiser, expand_like
+
+PSEUDO_HUBER_C = 0.00054  # iCT: c = 0.00054 sqrt(d) for data of d dimensions
+
+
+def _bound(apply, params):
+    return jax.tree_util.Partial(apply, params)
+
+
+def _labels(batch, num_classes):
+    return (batch["label"],) if num_classes else ()
+
+
+def karras_levels(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """n >= 2 noise levels from sigma_max down to sigma_min on EDM's rho-grid (no final zero):
+    the discretization of consistency models."""
+    if not (isinstance(n, int) and n >= 2):
+        raise ValueError(f"n={n!r} levels: a consistency grid needs an integer n >= 2")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need "
+                         "0 < sigma_min < sigma_max")
+    u = jnp.linspace(0.0, 1.0, n)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (a + u * (b - a)) ** rho
+
+
+# --- progressive distillation ----------------------------------------------------------------
+
+def pd_target(D_teacher, x, s, s_mid, s_next, *args):
+    """The student's x0 target at (x, s): two teacher DDIM steps s -> s_mid -> s_next, then the
+    x0 whose one DDIM step s -> s_next lands on the same point (s, s_mid, s_next per sample)."""
+    x1 = ddim_step(x, D_teacher(x, s, *args), expand_like(s, x), expand_like(s_mid, x))
+    x2 = ddim_step(x1, D_teacher(x1, s_mid, *args), expand_like(s_mid, x), expand_like(s_next, x))
+    r = expand_like(s_next / s, x)
+    return (x2 - r * x) / (1.0 - r)
+
+
+def progressive_objective(student, teacher, *, process, prediction, teacher_sigmas,
+                          num_classes=0):
+    """Progressive distillation: the student learns in N steps what the teacher does in 2N.
+    teacher_sigmas: the teacher's 2N + 1 VE levels, decreasing, ending at 0 (a
+    `jaxdiff.core.schedules` grid); the student's are every other one."""
+    sig = jnp.asarray(teacher_sigmas, jnp.float32)
+    if sig.ndim != 1 or sig.shape[0] < 3 or (sig.shape[0] - 1) % 2:
+        raise ValueError(f"teacher_sigmas has {sig.shape[0] if sig.ndim == 1 else sig.shape} "
+                         "levels; progressive distillation needs 2N + 1 (an even number of "
+                         "teacher steps)")
+    n = (sig.shape[0] - 1) // 2
+
+    def objective(params, batch, key, frozen):
+        x0 = batch["x"]
+        args = _labels(batch, num_classes)
+        k_i, k_eps = jax.random.split(key)
+        i = jax.random.randint(k_i, (x0.shape[0],), 0, n)
+        s, s_mid, s_next = sig[2 * i], sig[2 * i + 1], sig[2 * i + 2]
+        x = x0 + expand_like(s, x0) * jax.random.normal(k_eps, x0.shape, x0.dtype)
+        D_teacher = denoiser(_bound(teacher, frozen), process, prediction)
+        target = jax.lax.stop_gradient(pd_target(D_teacher, x, s, s_mid, s_next, *args))
+        pred = denoiser(_bound(student, params), process, prediction)(x, s, *args)
+        w = jnp.maximum(1.0 / jnp.square(s), 1.0)
+        err = jnp.mean(jnp.square(pred - target), axis=tuple(range(1, x0.ndim)))
+        return jnp.mean(w * err), {"pd_x0_mse": jnp.mean(err)}
+
+    return objective
+
+
+# --- consistency models ----------------------------------------------------------------------
+
+def consistency_function(D, sigma_min):
+    """f(x, s, *args) = D + (sigma_min / s)(x - D): the DDIM jump of denoiser D to sigma_min;
+    f(x, sigma_min) = x exactly."""
+
+    def f(x, s, *args):
+        x0 = D(x, s, *args)
+        return ddim_step(x, x0, expand_like(s, x), sigma_min)
+
+    return f
+
+
+def _distance(name, a, b):
+    axes = tuple(range(1, a.ndim))
+    sq = jnp.sum(jnp.square(a - b), axis=axes)
+    if name == "l2":
+        return sq
+    if name == "pseudo_huber":
+        c = PSEUDO_HUBER_C * math.sqrt(math.prod(a.shape[1:]))
+        return jnp.sqrt(sq + c * c) - c
+    raise ValueError(f"distance={name!r} is unknown; allowed: pseudo_huber, l2")
+
+
+def ode_step(name="heun"):
+    """`step(D, x, s_hi, s_lo, *args) -> x at s_lo`: one step of the jaxdiff sampler `name` on
+    the probability-flow ODE of D, each sample from its own level (vmapped)."""
+    from jaxdiff import samplers
+
+    sampler = samplers.get(name)
+
+    def step(D, x, s_hi, s_lo, *args):
+        def one(xi, hi, lo, *ai):
+            Di = lambda z, s: D(z, s, *(a[None] for a in ai))  # noqa: E731
+            return sampler(Di, xi[None], jnp.stack([hi, lo]))[0]
+
+        return jax.vmap(one)(x, s_hi, s_lo, *args)
+
+    return step
+
+
+def consistency_objective(student, *, process, prediction, sigmas, teacher=None,
+                          ode="heun", distance="pseudo_huber", num_classes=0):
+    """Consistency distillation (`teacher` given: its probability-flow ODE moves x_hi to s_lo by
+    `ode`, a sampler name or a `step(D, x, s_hi, s_lo, *args)` callable) or consistency training
+    (teacher=None: x_lo from the same noise). sigmas: the grid's levels, decreasing, > 0
+    (`karras_levels`); a pair of adjacent levels is drawn per sample, uniformly."""
+    sig = jnp.asarray(sigmas, jnp.float32)
+    if sig.ndim != 1 or sig.shape[0] < 2:
+        raise ValueError("sigmas must be a 1-D grid of at least 2 levels")
+    sigma_min = float(sig[-1])
+    if sigma_min <= 0:
+        raise ValueError(f"sigmas end at {sigma_min}; a consistency grid ends at sigma_min > 0")
+    _distance(distance, jnp.zeros((1, 1)), jnp.zeros((1, 1)))  # checks the name
+    step = ode_step(ode) if isinstance(ode, str) else ode
+
+    def objective(params, batch, key, frozen):
+        x0 = batch["x"]
+        args = _labels(batch, num_classes)
+        k_n, k_z = jax.random.split(key)
+        n = jax.random.randint(k_n, (x0.shape[0],), 0, sig.shape[0] - 1)
+        s_hi, s_lo = sig[n], sig[n + 1]
+        z = jax.random.normal(k_z, x0.shape, x0.dtype)
+        x_hi = x0 + expand_like(s_hi, x0) * z
+        if teacher is None:
+            x_lo = x0 + expand_like(s_lo, x0) * z
+        else:
+            D_teacher = denoiser(_bound(teacher, frozen), process, prediction)
+            x_lo = jax.lax.stop_gradient(step(D_teacher, x_hi, s_hi, s_lo, *args))
+        f = consistency_function(denoiser(_bound(student, params), process, prediction),
+                                 sigma_min)
+        target = jax.lax.stop_gradient(f(x_lo, s_lo, *args))
+        d = _distance(distance, f(x_hi, s_hi, *args), target)
+        return jnp.mean(d / (s_hi - s_lo)), {"consistency_distance": jnp.mean(d)}
+
+    return objective

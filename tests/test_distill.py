@@ -1,0 +1,167 @@
+"""Few-step objectives (`jaxdiff.distill`): each is zero at its fixed point, in closed form
+(Gaussian and point-mass data with their exact denoisers and ODE maps), positive elsewhere, and
+a short run of `make_train_step` lowers it; bad settings are one-line errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxdiff
+from jaxdiff import distill
+from jaxdiff.core import analytic, schedules
+from jaxdiff.core.denoiser import denoiser, expand_like, model_from_denoiser
+
+MEAN, STD = 0.7, 0.5
+PROCESSES = [(jaxdiff.EDM(), "edm"), (jaxdiff.VPLinear(), "eps")]
+
+
+def _apply(D, process, prediction):
+    """An `apply(params, x, t)` whose denoiser is D (params ignored)."""
+    net = model_from_denoiser(D, process, prediction)
+    return lambda params, x, t, *a: net(x, t, *a)
+
+
+def _batch(n=256, d=2, seed=0, std=STD):
+    x = MEAN + std * jax.random.normal(jax.random.key(seed), (n, d))
+    return {"x": x, "label": jnp.zeros(n, jnp.int32)}
+
+
+@pytest.mark.parametrize("process,prediction", PROCESSES)
+def test_progressive_loss_is_zero_for_the_teachers_two_step_map(process, prediction):
+    D_T = analytic.gaussian_denoiser(MEAN, STD)
+    sig = jnp.asarray(schedules.karras(process, 8), jnp.float32)  # 8 teacher steps, 4 student steps, ending at 0
+    teacher = _apply(D_T, process, prediction)
+
+    def D_star(x, s, *a):  # the exact student: one DDIM step lands where the teacher's two do
+        i = jnp.argmin(jnp.abs(sig[None, :] - jnp.reshape(s, (-1, 1))), axis=1)
+        return distill.pd_target(D_T, x, sig[i], sig[i + 1], sig[i + 2])
+
+    obj = distill.progressive_objective(_apply(D_star, process, prediction), teacher,
+                                        process=process, prediction=prediction,
+                                        teacher_sigmas=sig)
+    loss, aux = jax.jit(obj)({}, _batch(), jax.random.key(1), {})
+    assert float(aux["pd_x0_mse"]) < 1e-9, aux
+    # the teacher as its own student takes one DDIM step where it should take two: not zero
+    loss_t, _ = jax.jit(distill.progressive_objective(
+        teacher, teacher, process=process, prediction=prediction, teacher_sigmas=sig))(
+        {}, _batch(), jax.random.key(1), {})
+    assert float(loss_t) > 1e-4
+
+
+def test_pd_target_reproduces_two_teacher_steps():
+    D_T = analytic.gaussian_denoiser(MEAN, STD)
+    x = _batch()["x"] + 3.0
+    s, mid, nxt = jnp.float32(4.0), jnp.float32(1.5), jnp.float32(0.3)
+    two = jaxdiff.samplers.get("ddim")(D_T, x, jnp.stack([s, mid, nxt]))
+    target = distill.pd_target(D_T, x, s, mid, nxt)
+    np.testing.assert_allclose(target + (nxt / s) * (x - target), two, rtol=1e-5, atol=1e-5)
+
+
+def _exact_consistency(sigma_min, std):
+    """D whose DDIM jump to sigma_min is the exact ODE map of N(MEAN, std^2) data."""
+
+    def D(x, s, *a):
+        f = analytic.gaussian_ode(x, expand_like(s, x), sigma_min, MEAN, std)
+        r = expand_like(sigma_min / s, x)
+        return jnp.where(r < 1, (f - r * x) / jnp.where(r < 1, 1 - r, 1.0), x)
+
+    return D
+
+
+@pytest.mark.parametrize("process,prediction", PROCESSES)
+def test_consistency_distillation_is_zero_at_the_exact_consistency_function(process,
+                                                                             prediction):
+    sig = distill.karras_levels(18)
+    sigma_min = float(sig[-1])
+    teacher = _apply(analytic.gaussian_denoiser(MEAN, STD), process, prediction)
+    student = _apply(_exact_consistency(sigma_min, STD), process, prediction)
+
+    def exact(D, x, s_hi, s_lo, *a):  # the teacher's ODE in closed form
+        return analytic.gaussian_ode(x, expand_like(s_hi, x), expand_like(s_lo, x), MEAN, STD)
+
+    kw = dict(process=process, prediction=prediction, sigmas=sig, distance="l2")
+    loss, _ = jax.jit(distill.consistency_objective(student, teacher=teacher, ode=exact, **kw))(
+        {}, _batch(), jax.random.key(2), {})
+    assert float(loss) < 1e-8, loss
+    # a jaxdiff Heun step on the teacher instead of the closed form: close, not exact
+    heun, _ = jax.jit(distill.consistency_objective(student, teacher=teacher, ode="heun",
+                                                    **kw))({}, _batch(), jax.random.key(2), {})
+    wrong, _ = jax.jit(distill.consistency_objective(teacher, teacher=teacher, ode="heun",
+                                                     **kw))({}, _batch(), jax.random.key(2), {})
+    assert float(heun) < 0.02 * float(wrong), (heun, wrong)
+
+
+def test_consistency_training_is_zero_for_point_mass_data():
+    """With x0 = MEAN always, the exact denoiser is MEAN, whose DDIM jump is the exact
+    consistency function; CT's two points on the same noise then map to one point."""
+    sig = distill.karras_levels(10)
+    process, prediction = jaxdiff.EDM(), "edm"
+    student = _apply(lambda x, s, *a: jnp.full_like(x, MEAN), process, prediction)
+    obj = distill.consistency_objective(student, process=process, prediction=prediction,
+                                        sigmas=sig)
+    loss, _ = jax.jit(obj)({}, _batch(std=0.0), jax.random.key(3), None)
+    assert float(loss) < 1e-5, loss
+    f = distill.consistency_function(analytic.gaussian_denoiser(MEAN, STD), float(sig[-1]))
+    x = _batch()["x"]
+    np.testing.assert_array_equal(f(x, sig[-1]), x)  # the boundary condition, exactly
+
+
+def test_a_short_run_lowers_the_progressive_loss():
+    """A linear student D = a(s) x + b(s) (per student level) from scratch, 150 Adam steps."""
+    process, prediction = jaxdiff.EDM(), "x0"
+    sig = jnp.asarray(schedules.karras(process, 4), jnp.float32)
+    teacher = _apply(analytic.gaussian_denoiser(MEAN, STD), process, prediction)
+    levels = sig[::2]
+
+    def student(params, x, t, *a):
+        i = jnp.argmin(jnp.abs(levels[None, :] - jnp.reshape(process.t_of_cond(t), (-1, 1))),
+                       axis=1)
+        return expand_like(params["a"][i], x) * x + expand_like(params["b"][i], x)
+
+    obj = distill.progressive_objective(student, teacher, process=process,
+                                        prediction=prediction, teacher_sigmas=sig)
+    params = {"a": jnp.zeros(3), "b": jnp.zeros(3)}
+    tx = optax.adam(0.05)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, key):
+        (loss, _), g = jax.value_and_grad(obj, has_aux=True)(params, _batch(), key, {})
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), opt, loss
+
+    losses = []
+    for k in range(150):
+        params, opt, loss = step(params, opt, jax.random.key(k))
+        losses.append(float(loss))
+    assert np.mean(losses[-10:]) < 0.05 * np.mean(losses[:10]), (losses[:3], losses[-3:])
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: distill.progressive_objective(None, None, process=jaxdiff.EDM(), prediction="edm",
+                                           teacher_sigmas=jnp.array([2.0, 1.0, 0.5, 0.0])),
+     r"teacher_sigmas has 4 levels; progressive distillation needs 2N \+ 1"),
+    (lambda: distill.consistency_objective(None, process=jaxdiff.EDM(), prediction="edm",
+                                           sigmas=jnp.array([2.0, 1.0, 0.0])),
+     r"sigmas end at 0.0; a consistency grid ends at sigma_min > 0"),
+    (lambda: distill.consistency_objective(None, process=jaxdiff.EDM(), prediction="edm",
+                                           sigmas=distill.karras_levels(4), distance="l1"),
+     r"distance='l1' is unknown; allowed: pseudo_huber, l2"),
+    (lambda: distill.karras_levels(1), r"n=1 levels: a consistency grid needs an integer n >= 2"),
+])
+def test_bad_settings_are_one_line_errors(make, match):
+    with pytest.raises(ValueError, match=match) as err:
+        make()
+    assert "\n" not in str(err.value)
+
+
+def test_student_denoiser_sees_the_process_scaling():
+    """The objectives work on denoisers: a VP student's raw input is alpha(t) x_ve."""
+    process = jaxdiff.VPLinear()
+    D = denoiser(model_from_denoiser(analytic.gaussian_denoiser(MEAN, STD), process, "v"),
+                 process, "v")
+    x = _batch()["x"] + 2.0
+    np.testing.assert_allclose(D(x, 2.0), analytic.gaussian_denoiser(MEAN, STD)(x, 2.0),
+                               rtol=1e-4, atol=1e-5)
