@@ -165,3 +165,18 @@ def test_student_denoiser_sees_the_process_scaling():
     x = _batch()["x"] + 2.0
     np.testing.assert_allclose(D(x, 2.0), analytic.gaussian_denoiser(MEAN, STD)(x, 2.0),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_consistency_sampler_draws_the_data_with_the_exact_consistency_function(steps):
+    """`sampler="consistency"` through `jaxdiff.sample`: with the exact consistency function
+    of N(MEAN, STD^2) data, one step and three steps both give its mean and std."""
+    sigma_min = 0.002
+    process = jaxdiff.EDM()
+    net = model_from_denoiser(_exact_consistency(sigma_min, STD), process, "edm")
+    noise = jax.random.normal(jax.random.key(4), (4096, 2))
+    x = jaxdiff.sample(net, noise, process=process, prediction="edm", sampler="consistency",
+                       steps=steps, schedule="karras", key=jax.random.key(5),
+                       sigma_min=sigma_min)
+    assert abs(float(x.mean()) - MEAN) < 0.03 and abs(float(x.std()) - STD) < 0.02, (
+        float(x.mean()), float(x.std()))

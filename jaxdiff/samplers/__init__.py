@@ -5,6 +5,7 @@
 
 from jaxdiff.samplers import (
     ancestral,
+    consistency,
     dpm_solver,
     dpm_v3,
     interpolant,
@@ -29,6 +30,7 @@ SAMPLERS = {
     **learned.SAMPLERS,
     **dpm_v3.SAMPLERS,
     **pndm.SAMPLERS,
+    **consistency.SAMPLERS,
 }
 
 
