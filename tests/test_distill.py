@@ -31,7 +31,7 @@ def _batch(n=256, d=2, seed=0, std=STD):
 @pytest.mark.parametrize("process,prediction", PROCESSES)
 def test_progressive_loss_is_zero_for_the_teachers_two_step_map(process, prediction):
     D_T = analytic.gaussian_denoiser(MEAN, STD)
-    sig = jnp.asarray(schedules.karras(process, 8), jnp.float32)  # 8 teacher steps, 4 student steps, ending at 0
+    sig = jnp.asarray(schedules.karras(process, 8), jnp.float32)  # 8 teacher, 4 student steps
     teacher = _apply(D_T, process, prediction)
 
     def D_star(x, s, *a):  # the exact student: one DDIM step lands where the teacher's two do
