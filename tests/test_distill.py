@@ -180,3 +180,26 @@ def test_consistency_sampler_draws_the_data_with_the_exact_consistency_function(
                        sigma_min=sigma_min)
     assert abs(float(x.mean()) - MEAN) < 0.03 and abs(float(x.std()) - STD) < 0.02, (
         float(x.mean()), float(x.std()))
+
+
+def test_reflow_loss_is_zero_for_the_straight_velocity_of_a_linear_coupling():
+    """Gaussian data and its rectified flow: the teacher's ODE couples z with x1 = MEAN + STD z
+    (the monotone map). Along the straight lines between them z is recoverable from (x_t, t), so
+    the reflow loss of the straight velocity z - x1 is zero; the independent-coupling velocity
+    (the teacher's own) is not straight and scores above it."""
+    process = jaxdiff.RectifiedFlow()
+    z = jax.random.normal(jax.random.key(6), (512, 2))
+    batch = {"x": MEAN + STD * z, "noise": z}
+
+    def straight(params, x, t, *a):
+        t = expand_like(t, x)
+        zz = (x - (1 - t) * MEAN) / ((1 - t) * STD + t)
+        return zz - (MEAN + STD * zz)
+
+    obj = distill.reflow_objective(straight, process=process)
+    loss, _ = jax.jit(obj)({}, batch, jax.random.key(7))
+    assert float(loss) < 1e-9, loss
+    teacher = _apply(analytic.gaussian_denoiser(MEAN, STD), process, "flow")
+    loss_t, _ = jax.jit(distill.reflow_objective(teacher, process=process))(
+        {}, batch, jax.random.key(7))
+    assert float(loss_t) > 1e-3, loss_t

@@ -144,9 +144,10 @@ def _output_and_target(model_fn, x0, x, t, process, prediction, args):
 def diffusion_loss(
     model_fn, x0, key, *, process, prediction, weighting="uniform", time_sampling="uniform",
     args=(), min_snr_gamma=5.0, logit_mean=0.0, logit_std=1.0, p_mean=-1.2, p_std=1.2,
-    sigma_data=None,
+    sigma_data=None, eps=None,
 ):
     """Weighted denoising loss of `model_fn(x, cond, *args)` on a batch x0 of shape (B, ...).
+    eps: the noise paired with each x0 (reflow's coupling); None draws it from `key`.
 
     Returns (batch-mean loss, aux) with per-sample aux arrays: `t`, `sigma` (the VE noise level
     ve_sigma, comparable across processes), `weight`, `mse` (unweighted output-space MSE) and
@@ -160,7 +161,8 @@ def diffusion_loss(
         key_t, x0.shape[0], process, time_sampling, logit_mean=logit_mean, logit_std=logit_std,
         p_mean=p_mean, p_std=p_std,
     )
-    eps = jax.random.normal(key_eps, x0.shape, dtype)
+    eps = (jax.random.normal(key_eps, x0.shape, dtype) if eps is None
+           else jnp.asarray(eps, dtype))
     x = expand_like(process.alpha(t), x0) * x0 + expand_like(process.sigma(t), x0) * eps
     out, target = _output_and_target(model_fn, x0, x, t, process, prediction, args)
     mse = jnp.mean(jnp.square(out - target), axis=tuple(range(1, x0.ndim)))

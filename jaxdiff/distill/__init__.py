@@ -9,7 +9,9 @@ from jaxdiff.distill.objectives import (
     ode_step,
     pd_target,
     progressive_objective,
+    reflow_objective,
+    reflow_pairs,
 )
 
 __all__ = ["consistency_function", "consistency_objective", "karras_levels", "ode_step",
-           "pd_target", "progressive_objective"]
+           "pd_target", "progressive_objective", "reflow_objective", "reflow_pairs"]

@@ -26,7 +26,12 @@ one formula serves every process and prediction.
     callable) on the teacher's probability-flow ODE from x_hi = x0 + s_hi z;
   - training (CT): x_lo = x0 + s_lo z, the same z (no teacher).
 
-Not here yet (issue 15): guided distillation, reflow, iCT's discretization curriculum and
+- Reflow (Liu et al. 2023, "Flow straight and fast"): the denoising loss on pairs (x0, z) of a
+  teacher's samples and the noise they came from, instead of independent noise: the student
+  learns straighter paths between the same endpoints (`reflow_objective`, pairs from
+  `reflow_pairs`).
+
+Not here yet (issue 15): guided distillation, iCT's discretization curriculum and
 lognormal level sampling, the samplers of the students, the CLI and the benchmark.
 """
 
@@ -177,5 +182,33 @@ def consistency_objective(student, *, process, prediction, sigmas, teacher=None,
         target = jax.lax.stop_gradient(f(x_lo, s_lo, *args))
         d = _distance(distance, f(x_hi, s_hi, *args), target)
         return jnp.mean(d / (s_hi - s_lo)), {"consistency_distance": jnp.mean(d)}
+
+    return objective
+
+
+# --- reflow ----------------------------------------------------------------------------------
+
+def reflow_pairs(model_fn, noise, **sample_kwargs):
+    """{"x": the teacher's samples, "noise": the noise each came from}: one reflow batch, by
+    `jaxdiff.sample(model_fn, noise, **sample_kwargs)` (a deterministic sampler: the pair is
+    the teacher's ODE coupling)."""
+    import jaxdiff
+
+    return {"x": jaxdiff.sample(model_fn, noise, **sample_kwargs), "noise": noise}
+
+
+def reflow_objective(student, *, process, prediction="flow", num_classes=0,
+                     **loss_options):
+    """The denoising loss (`jaxdiff.core.losses.diffusion_loss`, its weighting and time
+    sampling in `loss_options`) with batch["noise"] as the noise paired to batch["x"]."""
+    from jaxdiff.core import losses
+
+    def objective(params, batch, key, frozen=None):
+        net = _bound(student, params)
+        loss, aux = losses.diffusion_loss(net, batch["x"], key, process=process,
+                                          prediction=prediction,
+                                          args=_labels(batch, num_classes),
+                                          eps=batch["noise"], **loss_options)
+        return loss, {"reflow_mse": jnp.mean(aux["mse"])}
 
     return objective
