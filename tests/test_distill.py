@@ -203,3 +203,62 @@ def test_reflow_loss_is_zero_for_the_straight_velocity_of_a_linear_coupling():
     loss_t, _ = jax.jit(distill.reflow_objective(teacher, process=process))(
         {}, batch, jax.random.key(7))
     assert float(loss_t) > 1e-3, loss_t
+
+
+MEANS = jnp.array([-1.0, 0.5, 2.0])  # class means; the null label 3 is the mixture's N(0, 1)
+
+
+def _class_denoiser(x, s, y):
+    cond = analytic.gaussian_denoiser(MEANS[jnp.minimum(y, 2)][:, None], STD)(x, s)
+    return jnp.where((y == 3)[:, None], analytic.gaussian_denoiser(0.0, 1.0)(x, s), cond)
+
+
+@pytest.mark.parametrize("process,prediction", PROCESSES)
+def test_guided_loss_is_zero_for_the_cfg_combination(process, prediction):
+    """Stage 1: a w-conditioned student equal to D_u + w (D_c - D_u) has zero loss; one that
+    ignores w (always w = 2) does not."""
+    teacher = _apply(_class_denoiser, process, prediction)
+
+    def exact(x, s, y, w):
+        d_c, d_u = _class_denoiser(x, s, y), _class_denoiser(x, s, jnp.full_like(y, 3))
+        return d_u + expand_like(w, x) * (d_c - d_u)
+
+    batch = {"x": _batch()["x"], "label": jnp.arange(256) % 3}
+    kw = dict(process=process, prediction=prediction, num_classes=3)
+    loss, _ = jax.jit(distill.guided_objective(_apply(exact, process, prediction), teacher,
+                                               **kw))({}, batch, jax.random.key(8), {})
+    assert float(loss) < 1e-9, loss
+    fixed = _apply(lambda x, s, y, w: exact(x, s, y, jnp.full_like(w, 2.0)), process,
+                   prediction)
+    loss_f, _ = jax.jit(distill.guided_objective(fixed, teacher, **kw))(
+        {}, batch, jax.random.key(8), {})
+    assert float(loss_f) > 1e-3, loss_f
+
+
+def test_guided_progressive_stage_passes_w_to_both_networks():
+    """Stage 2: progressive distillation of a w-conditioned teacher is zero for the student
+    that reproduces its two-step map at the same w."""
+    process, prediction = jaxdiff.EDM(), "edm"
+    sig = jnp.asarray(schedules.karras(process, 4), jnp.float32)
+
+    def D_T(x, s, y, w):
+        d_c, d_u = _class_denoiser(x, s, y), _class_denoiser(x, s, jnp.full_like(y, 3))
+        return d_u + expand_like(w, x) * (d_c - d_u)
+
+    def D_star(x, s, y, w):
+        i = jnp.argmin(jnp.abs(sig[None, :] - jnp.reshape(s, (-1, 1))), axis=1)
+        return distill.pd_target(D_T, x, sig[i], sig[i + 1], sig[i + 2], y, w)
+
+    batch = {"x": _batch()["x"], "label": jnp.arange(256) % 3}
+    obj = distill.progressive_objective(_apply(D_star, process, prediction),
+                                        _apply(D_T, process, prediction), process=process,
+                                        prediction=prediction, teacher_sigmas=sig,
+                                        num_classes=3, guidance_range=(1.0, 4.0))
+    _, aux = jax.jit(obj)({}, batch, jax.random.key(9), {})
+    assert float(aux["pd_x0_mse"]) < 1e-9, aux
+    with pytest.raises(ValueError, match=r"guidance_range=\(2.0, 1.0\): need 0 <= lo <= hi"):
+        distill.guided_objective(None, None, process=process, prediction=prediction,
+                                 num_classes=3, guidance_range=(2.0, 1.0))
+    with pytest.raises(ValueError, match=r"needs a class-conditional teacher"):
+        distill.guided_objective(None, None, process=process, prediction=prediction,
+                                 num_classes=0)

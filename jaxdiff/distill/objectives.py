@@ -31,7 +31,11 @@ one formula serves every process and prediction.
   learns straighter paths between the same endpoints (`reflow_objective`, pairs from
   `reflow_pairs`).
 
-Not here yet (issue 15): guided distillation, iCT's discretization curriculum and
+- Guided distillation (Meng et al. 2023): stage 1 (`guided_objective`) teaches a student
+  conditioned on the guidance scale w the CFG teacher's two-pass output in one pass; stage 2 is
+  progressive distillation with w (`progressive_objective(guidance_range=...)`).
+
+Not here yet (issue 15): w-conditioned UNet/DiT, iCT's discretization curriculum and
 lognormal level sampling, the samplers of the students, the CLI and the benchmark.
 """
 
@@ -80,21 +84,25 @@ def pd_target(D_teacher, x, s, s_mid, s_next, *args):
 
 
 def progressive_objective(student, teacher, *, process, prediction, teacher_sigmas,
-                          num_classes=0):
+                          num_classes=0, guidance_range=None):
     """Progressive distillation: the student learns in N steps what the teacher does in 2N.
     teacher_sigmas: the teacher's 2N + 1 VE levels, decreasing, ending at 0 (a
-    `jaxdiff.core.schedules` grid); the student's are every other one."""
+    `jaxdiff.core.schedules` grid); the student's are every other one. guidance_range=(lo, hi):
+    guided distillation's stage 2, both networks conditioned on a guidance scale w drawn
+    uniformly per sample and passed after the labels."""
     sig = jnp.asarray(teacher_sigmas, jnp.float32)
     if sig.ndim != 1 or sig.shape[0] < 3 or (sig.shape[0] - 1) % 2:
         raise ValueError(f"teacher_sigmas has {sig.shape[0] if sig.ndim == 1 else sig.shape} "
                          "levels; progressive distillation needs 2N + 1 (an even number of "
                          "teacher steps)")
     n = (sig.shape[0] - 1) // 2
+    if guidance_range is not None:
+        _check_guidance_range(guidance_range)
 
     def objective(params, batch, key, frozen):
         x0 = batch["x"]
-        args = _labels(batch, num_classes)
-        k_i, k_eps = jax.random.split(key)
+        k_i, k_eps, k_w = jax.random.split(key, 3)
+        args = _labels(batch, num_classes) + _guidance(k_w, x0.shape[0], guidance_range)
         i = jax.random.randint(k_i, (x0.shape[0],), 0, n)
         s, s_mid, s_next = sig[2 * i], sig[2 * i + 1], sig[2 * i + 2]
         x = x0 + expand_like(s, x0) * jax.random.normal(k_eps, x0.shape, x0.dtype)
@@ -104,6 +112,53 @@ def progressive_objective(student, teacher, *, process, prediction, teacher_sigm
         w = jnp.maximum(1.0 / jnp.square(s), 1.0)
         err = jnp.mean(jnp.square(pred - target), axis=tuple(range(1, x0.ndim)))
         return jnp.mean(w * err), {"pd_x0_mse": jnp.mean(err)}
+
+    return objective
+
+
+def _guidance(key, n, guidance_range):
+    if guidance_range is None:
+        return ()
+    lo, hi = guidance_range
+    return (jax.random.uniform(key, (n,), jnp.float32, lo, hi),)
+
+
+def _check_guidance_range(guidance_range):
+    lo, hi = guidance_range
+    if not 0 <= lo <= hi:
+        raise ValueError(f"guidance_range={tuple(guidance_range)}: need 0 <= lo <= hi (w = 1 is "
+                         "the conditional model, w = 0 the unconditional one)")
+
+
+def guided_objective(student, teacher, *, process, prediction, num_classes,
+                     guidance_range=(1.0, 4.0)):
+    """Guided distillation's stage 1 (Meng et al. 2023, Sec. 3.1): a student conditioned on the
+    guidance scale w, `student(params, x, t, labels, w)`, matches the classifier-free-guided
+    teacher D_u + w (D_c - D_u) (`jaxdiff.core.guidance.cfg`'s convention) at one network call,
+    for w uniform in guidance_range, at noise levels drawn as training draws them
+    (`losses.sample_time`); the x0 error weighted by max(SNR, 1). The teacher is
+    class-conditional with the null label `num_classes` (CFG training)."""
+    from jaxdiff.core import losses
+
+    if not num_classes:
+        raise ValueError("guided distillation needs a class-conditional teacher (num_classes > "
+                         "0, the null label num_classes)")
+    _check_guidance_range(guidance_range)
+
+    def objective(params, batch, key, frozen):
+        x0, y = batch["x"], batch["label"]
+        k_t, k_eps, k_w = jax.random.split(key, 3)
+        t = losses.sample_time(k_t, x0.shape[0], process, "uniform")
+        s = process.ve_sigma(t)
+        x = x0 + expand_like(s, x0) * jax.random.normal(k_eps, x0.shape, x0.dtype)
+        (w,) = _guidance(k_w, x0.shape[0], guidance_range)
+        D_teacher = denoiser(_bound(teacher, frozen), process, prediction)
+        d_c, d_u = D_teacher(x, s, y), D_teacher(x, s, jnp.full_like(y, num_classes))
+        target = jax.lax.stop_gradient(d_u + expand_like(w, x0) * (d_c - d_u))
+        pred = denoiser(_bound(student, params), process, prediction)(x, s, y, w)
+        err = jnp.mean(jnp.square(pred - target), axis=tuple(range(1, x0.ndim)))
+        return jnp.mean(jnp.maximum(1.0 / jnp.square(s), 1.0) * err), {
+            "guided_x0_mse": jnp.mean(err)}
 
     return objective
 
