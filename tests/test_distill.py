@@ -262,3 +262,34 @@ def test_guided_progressive_stage_passes_w_to_both_networks():
     with pytest.raises(ValueError, match=r"needs a class-conditional teacher"):
         distill.guided_objective(None, None, process=process, prediction=prediction,
                                  num_classes=0)
+
+
+@pytest.mark.parametrize("name", ["unet", "dit"])
+def test_guidance_conditioned_students(name):
+    """UNet/DiT(guidance_embed=True) take w (the param tree gains only its embedder, and w
+    changes the output); a model without it refuses w, one with it needs w, in one line; the
+    training wrapper passes the labels' next argument as w."""
+    from jaxdiff.models import DiT, UNet
+    from jaxdiff.train.step import ModelApply
+
+    make = {"unet": lambda **k: UNet(channels=8, channel_mult=(1,), num_res_blocks=1,
+                                     attn_resolutions=(), mid_attn=False, norm_groups=4,
+                                     num_classes=3, **k),
+            "dit": lambda **k: DiT(patch_size=2, hidden_size=16, depth=1, num_heads=2,
+                                   num_classes=3, **k)}[name]
+    x, t, y = jnp.ones((2, 4, 4, 1)), jnp.array([10.0, 500.0]), jnp.array([0, 1])
+    plain, guided = make(), make(guidance_embed=True)
+    p_plain = plain.init(jax.random.key(0), x, t, y)["params"]
+    p_guided = guided.init(jax.random.key(0), x, t, y, w=jnp.array([1.0, 2.0]))["params"]
+    extra = set(p_guided) - set(p_plain)
+    assert extra == {"unet": {"guidance_embed"}, "dit": {"w_embedder"}}[name], extra
+    p_guided = jax.tree.map(lambda a: a + 0.1, p_guided)  # adaLN-zero: make w matter
+    apply = ModelApply(guided)
+    out1 = apply(p_guided, x, t, y, jnp.array([1.0, 1.0]))
+    out3 = apply(p_guided, x, t, y, jnp.array([3.0, 3.0]))
+    assert float(jnp.max(jnp.abs(out1 - out3))) > 1e-4
+    with pytest.raises(ValueError, match=r"guidance scale w was given to a .* with "
+                                         r"guidance_embed=False"):
+        plain.apply({"params": p_plain}, x, t, y, w=jnp.ones(2))
+    with pytest.raises(ValueError, match=r"has guidance_embed=True and needs w="):
+        guided.apply({"params": p_guided}, x, t, y)

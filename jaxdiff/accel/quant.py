@@ -53,8 +53,8 @@ SCHEMES = {
 }
 CALIBRATIONS = ("dynamic", "static", "timestep")
 # module paths kept in full precision (qwix's "/"-joined Flax module path; full match)
-KEEP = (r"(t_embedder|y_embedder|x_embedder|final_layer|time_embed|label_embed|conv_in|"
-        r"conv_out)(/.*)?|.*(adaLN_modulation|emb_proj).*")
+KEEP = (r"(t_embedder|y_embedder|w_embedder|x_embedder|final_layer|time_embed|label_embed|"
+        r"guidance_embed|conv_in|conv_out)(/.*)?|.*(adaLN_modulation|emb_proj).*")
 
 
 def check_scheme(scheme, calibration="dynamic", groups=1):

@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models.layers import (
+    GUIDANCE_SCALE,
     LabelEmbedder,
     MultiHeadAttention,
     TimestepEmbedder,
+    check_guidance_input,
     dense,
     modulate,
     zeros,
@@ -168,6 +170,7 @@ class DiT(nn.Module):
     num_classes: int = 0
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False
+    guidance_embed: bool = False  # guided distillation: also takes w (`__call__(..., w=)`)
     time_scale: float = 1.0
     frequency_size: int = 256
     remat: bool = False
@@ -182,7 +185,8 @@ class DiT(nn.Module):
             raise ValueError(f"image size {height}x{width} is not divisible by patch_size={p}")
 
     @nn.compact
-    def __call__(self, x, t, y=None, *, train=False, hidden=None, blocks=None, tokens=False):
+    def __call__(self, x, t, y=None, *, train=False, hidden=None, blocks=None, tokens=False,
+                 w=None):
         """The forward pass. For feature caches: `blocks=(start, stop)` runs only those blocks,
         on `hidden` (B, T, D), the tokens after block start - 1, when given (else on the embedded
         x); `tokens=True` returns the tokens after the last block run instead of the output."""
@@ -196,7 +200,7 @@ class DiT(nn.Module):
             h = h + jnp.asarray(sincos_pos_embed_2d(D, H // p, W // p), self.dtype)
         else:
             h = hidden.astype(self.dtype)
-        c = self._conditioning(t, y, B)  # (B, D)
+        c = self._conditioning(t, y, B, w)  # (B, D)
         block = nn.remat(DiTBlock) if self.remat else DiTBlock
         args = (self.num_heads, self.mlp_ratio, self.attention_impl)
         for i in range(start, stop):
@@ -217,11 +221,15 @@ class DiT(nn.Module):
             raise ValueError(f"blocks={blocks!r} starts after block 0 and needs hidden tokens")
         return start, stop
 
-    def _conditioning(self, t, y, batch):
-        """c = t_embedder(t · time_scale) + y_embedder(y), (B, hidden_size)."""
+    def _conditioning(self, t, y, batch, w=None):
+        """c = t_embedder(t · time_scale) [+ w_embedder(w)] + y_embedder(y), (B, hidden_size)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32) * self.time_scale, (batch,))
         c = TimestepEmbedder(self.hidden_size, self.frequency_size, name="t_embedder", **kw)(t)
+        w = check_guidance_input(self, w, batch)
+        if w is not None:
+            c = c + TimestepEmbedder(self.hidden_size, self.frequency_size, name="w_embedder",
+                                     **kw)(w * GUIDANCE_SCALE)
         if self.num_classes == 0:
             if y is not None:
                 raise ValueError("labels y were given to a DiT with num_classes=0")

@@ -75,6 +75,25 @@ class TimestepEmbedder(nn.Module):
         return dense(self.hidden_size, ("embed", "embed"), name="mlp.2", **kw)(nn.silu(h))
 
 
+# guided distillation's w conditioning: w (~0..10) is embedded as a timestep of w · 100
+GUIDANCE_SCALE = 100.0
+
+
+def check_guidance_input(model, w, batch):
+    """w as (batch,) float32 for a model with guidance_embed, None otherwise; one-line
+    ValueError for a w the model cannot take or a missing one."""
+    name = type(model).__name__
+    if not getattr(model, "guidance_embed", False):
+        if w is not None:
+            raise ValueError(f"a guidance scale w was given to a {name} with guidance_embed="
+                             "False; build the student with guidance_embed=True")
+        return None
+    if w is None:
+        raise ValueError(f"this {name} has guidance_embed=True and needs w= (the guidance "
+                         "scale, one per sample)")
+    return jnp.broadcast_to(jnp.asarray(w, jnp.float32), (batch,))
+
+
 def _check_labels(y, rows):
     """Eager check of concrete labels; under jit an invalid label yields NaN outputs instead."""
     if not jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer):

@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.layers import (
+    GUIDANCE_SCALE,
     LabelEmbedder,
     MultiHeadAttention,
     TimestepEmbedder,
+    check_guidance_input,
     dense,
     modulate,
     zeros,
@@ -149,6 +151,9 @@ class UNet(nn.Module):
     # quantizer gives each its own activation range; `split_skip_params` converts a trained
     # param tree (the function is the same)
     split_skips: bool = False
+    # guided distillation (Meng et al. 2023): the network also takes the guidance scale w
+    # (`__call__(..., w=)`, one per sample), embedded like t and added to the time embedding
+    guidance_embed: bool = False
 
     def check_image_size(self, height, width):
         """One-line ValueError when the image cannot be halved len(channel_mult) - 1 times."""
@@ -160,7 +165,8 @@ class UNet(nn.Module):
             )
 
     @nn.compact
-    def __call__(self, x, t, y=None, *, train=False, context=None, skip_level=None, deep=None):
+    def __call__(self, x, t, y=None, *, train=False, context=None, skip_level=None, deep=None,
+                 w=None):
         """The forward pass; with `skip_level` (DeepCache, Ma et al. 2024) it returns `(out,
         deep)`, `deep` being the input of the decoder block that takes encoder skip number
         `skip_level` (0 = conv_in's output, `num_skips() - 1` the deepest). Given `deep`, only
@@ -169,7 +175,7 @@ class UNet(nn.Module):
         self.check_image_size(H, W)
         self._check_context(context)
         self._check_skip_level(skip_level, deep)
-        emb = self._embed(t, y, B)  # (B, 4·channels)
+        emb = self._embed(t, y, B, w)  # (B, 4·channels)
         h = conv(self.channels, 3, name="conv_in", **self._kw())(x.astype(self.dtype))
         skips = [h]
         stop = self.num_skips() if deep is None else skip_level + 1  # skips to compute
@@ -251,11 +257,15 @@ class UNet(nn.Module):
             h = conv(out, 3, name=f"up_{level}_upsample", **self._kw())(h)
         return h
 
-    def _embed(self, t, y, batch):
-        """Time embedding (+ label embedding), (B, 4·channels)."""
+    def _embed(self, t, y, batch, w=None):
+        """Time embedding (+ guidance-scale and label embeddings), (B, 4·channels)."""
         width = 4 * self.channels
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32) * self.time_scale, (batch,))
         emb = TimestepEmbedder(width, self.channels, name="time_embed", **self._kw())(t)
+        w = check_guidance_input(self, w, batch)
+        if w is not None:
+            emb = emb + TimestepEmbedder(width, self.channels, name="guidance_embed",
+                                         **self._kw())(w * GUIDANCE_SCALE)
         if self.num_classes == 0:
             if y is not None:
                 raise ValueError("labels y were given to a UNet with num_classes=0")

@@ -28,7 +28,8 @@ class ModelApply:
 
     def __call__(self, params, x, t, *args, rngs=None):
         y = args[0] if args else None
-        return self.model.apply({"params": params}, x, t, y, train=self.train, rngs=rngs)
+        kw = {"w": args[1]} if len(args) > 1 else {}  # a guidance-conditioned student's w
+        return self.model.apply({"params": params}, x, t, y, train=self.train, rngs=rngs, **kw)
 
 
 def network(model, params):
