@@ -175,8 +175,10 @@ def test_consistency_sampler_draws_the_data_with_the_exact_consistency_function(
     process = jaxdiff.EDM()
     net = model_from_denoiser(_exact_consistency(sigma_min, STD), process, "edm")
     noise = jax.random.normal(jax.random.key(4), (4096, 2))
+    grid = np.asarray(distill.consistency_grid(steps, sigma_min))
+    assert grid.shape == (steps + 1,) and grid[-1] == 0 and np.all(grid[:-1] > sigma_min)
     x = jaxdiff.sample(net, noise, process=process, prediction="edm", sampler="consistency",
-                       steps=steps, schedule="karras", key=jax.random.key(5),
+                       steps=steps, schedule=grid, key=jax.random.key(5),
                        sigma_min=sigma_min)
     assert abs(float(x.mean()) - MEAN) < 0.03 and abs(float(x.std()) - STD) < 0.02, (
         float(x.mean()), float(x.std()))

@@ -4,6 +4,7 @@ consistency model (`objectives`)."""
 
 from jaxdiff.distill.objectives import (
     consistency_function,
+    consistency_grid,
     consistency_objective,
     guided_objective,
     karras_levels,
@@ -14,6 +15,6 @@ from jaxdiff.distill.objectives import (
     reflow_pairs,
 )
 
-__all__ = ["consistency_function", "consistency_objective", "guided_objective",
-           "karras_levels", "ode_step",
-           "pd_target", "progressive_objective", "reflow_objective", "reflow_pairs"]
+__all__ = ["consistency_function", "consistency_grid", "consistency_objective",
+           "guided_objective", "karras_levels", "ode_step", "pd_target", "progressive_objective",
+           "reflow_objective", "reflow_pairs"]

@@ -72,6 +72,16 @@ def karras_levels(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     return (a + u * (b - a)) ** rho
 
 
+def consistency_grid(steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """The sampling grid of an n-step consistency model: sigma_max, then n - 1 intermediate
+    levels of the rho-grid between sigma_max and sigma_min (not sigma_min itself, where the
+    consistency function is the identity), then 0; e.g. [80, 2.5, 0] for 2 steps."""
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    levels = karras_levels(steps + 1, sigma_min, sigma_max, rho)[:-1]
+    return jnp.concatenate([levels, jnp.zeros(1, levels.dtype)])
+
+
 # --- progressive distillation ----------------------------------------------------------------
 
 def pd_target(D_teacher, x, s, s_mid, s_next, *args):
