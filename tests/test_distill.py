@@ -295,3 +295,37 @@ def test_guidance_conditioned_students(name):
         plain.apply({"params": p_plain}, x, t, y, w=jnp.ones(2))
     with pytest.raises(ValueError, match=r"has guidance_embed=True and needs w="):
         guided.apply({"params": p_guided}, x, t, y)
+
+
+def test_ict_curriculum_and_the_step_reaching_the_objective():
+    """iCT's discretization doubles from s0 + 1 to s1 + 1 levels in floor(log2(s1/s0)) + 1
+    stages; under make_train_step a `takes_step` objective sees the state's step (metrics
+    'levels'); the point-mass fixed point holds on every curriculum grid with lognormal pairs."""
+    N = [int(distill.ict_discretization(k, 80_000)) for k in (0, 9_999, 10_000, 30_000, 79_999)]
+    assert N == [11, 11, 21, 81, 1281], N
+    process, prediction = jaxdiff.EDM(), "edm"
+    student = _apply(lambda x, s, *a: jnp.full_like(x, MEAN), process, prediction)
+    obj = distill.consistency_objective(student, process=process, prediction=prediction,
+                                        curriculum=dict(total_steps=80),
+                                        level_sampling="lognormal")
+    assert obj.takes_step
+    for k, want in ((0, 11), (45, 161), (79, 1281)):
+        loss, aux = jax.jit(obj)({}, _batch(std=0.0), jax.random.key(k), None, step=k)
+        assert int(aux["levels"]) == want and float(loss) < 1e-5, (k, aux, loss)
+    from jaxdiff.train import make_train_step
+    from jaxdiff.train.state import TrainState
+
+    def stepped(params, batch, key, frozen, step=0):
+        return jnp.sum(params["w"] ** 2) * (1.0 + step), {"seen": step}
+
+    stepped.takes_step = True
+    tx = optax.sgd(0.0)
+    state = TrainState(step=jnp.int32(7), params={"w": jnp.ones(2)}, ema_params=(),
+                       opt_state=tx.init({"w": jnp.ones(2)}), rng=jax.random.PRNGKey(0))
+    _, metrics = make_train_step(stepped, tx, lambda s: 0.0, ema_decays=())(state, {})
+    assert int(metrics["seen"]) == 7 and float(metrics["loss"]) == 16.0
+    with pytest.raises(ValueError, match=r"give one of sigmas= .* and curriculum="):
+        distill.consistency_objective(student, process=process, prediction=prediction)
+    with pytest.raises(ValueError, match=r"level_sampling='beta' is unknown"):
+        distill.consistency_objective(student, process=process, prediction=prediction,
+                                      sigmas=distill.karras_levels(4), level_sampling="beta")

@@ -7,6 +7,7 @@ from jaxdiff.distill.objectives import (
     consistency_grid,
     consistency_objective,
     guided_objective,
+    ict_discretization,
     karras_levels,
     ode_step,
     pd_target,
@@ -16,5 +17,5 @@ from jaxdiff.distill.objectives import (
 )
 
 __all__ = ["consistency_function", "consistency_grid", "consistency_objective",
-           "guided_objective", "karras_levels", "ode_step", "pd_target", "progressive_objective",
-           "reflow_objective", "reflow_pairs"]
+           "guided_objective", "ict_discretization", "karras_levels", "ode_step", "pd_target",
+           "progressive_objective", "reflow_objective", "reflow_pairs"]

@@ -35,8 +35,11 @@ one formula serves every process and prediction.
   conditioned on the guidance scale w the CFG teacher's two-pass output in one pass; stage 2 is
   progressive distillation with w (`progressive_objective(guidance_range=...)`).
 
-Not here yet (issue 15): w-conditioned UNet/DiT, iCT's discretization curriculum and
-lognormal level sampling, the samplers of the students, the CLI and the benchmark.
+iCT's recipe: `consistency_objective(curriculum=dict(total_steps=K),
+level_sampling="lognormal")` (the doubling discretization, lognormal pairs, pseudo-Huber).
+
+The consistency sampler is `jaxdiff.samplers.consistency` (`consistency_grid` gives its levels).
+Not here yet (issue 15): the `jaxdiff distill` CLI, the testbed benchmark.
 """
 
 from __future__ import annotations
@@ -214,26 +217,76 @@ def ode_step(name="heun"):
     return step
 
 
-def consistency_objective(student, *, process, prediction, sigmas, teacher=None,
-                          ode="heun", distance="pseudo_huber", num_classes=0):
+def ict_discretization(step, total_steps, s0=10, s1=1280):
+    """iCT's number of levels at training step `step` of `total_steps` (Song & Dhariwal 2023,
+    Sec. 3.4): N = min(s0 · 2^floor(step / K'), s1) + 1, K' = floor(total_steps /
+    (floor(log2(s1 / s0)) + 1)); jittable in step."""
+    k_prime = max(int(total_steps) // (int(math.log2(s1 // s0)) + 1), 1)
+    doublings = jnp.minimum(jnp.asarray(step) // k_prime, 30).astype(jnp.float32)
+    return (jnp.minimum(s0 * 2.0**doublings, s1) + 1).astype(jnp.int32)
+
+
+def _pair_logits(sig, valid, level_sampling, p_mean, p_std):
+    """Log-probabilities of the adjacent pairs (sig[i], sig[i + 1]) of a decreasing grid:
+    uniform, or iCT's lognormal (the mass of N(p_mean, p_std^2) of log sigma between them)."""
+    if level_sampling == "uniform":
+        return jnp.where(valid, 0.0, -jnp.inf)
+    cdf = jax.scipy.special.erf((jnp.log(sig) - p_mean) / (math.sqrt(2.0) * p_std))
+    mass = cdf[:-1] - cdf[1:]
+    return jnp.where(valid, jnp.log(jnp.maximum(mass, 1e-30)), -jnp.inf)
+
+
+def consistency_objective(student, *, process, prediction, sigmas=None, teacher=None,
+                          ode="heun", distance="pseudo_huber", num_classes=0,
+                          curriculum=None, level_sampling="uniform", p_mean=-1.1, p_std=2.0,
+                          sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """Consistency distillation (`teacher` given: its probability-flow ODE moves x_hi to s_lo by
     `ode`, a sampler name or a `step(D, x, s_hi, s_lo, *args)` callable) or consistency training
-    (teacher=None: x_lo from the same noise). sigmas: the grid's levels, decreasing, > 0
-    (`karras_levels`); a pair of adjacent levels is drawn per sample, uniformly."""
-    sig = jnp.asarray(sigmas, jnp.float32)
-    if sig.ndim != 1 or sig.shape[0] < 2:
-        raise ValueError("sigmas must be a 1-D grid of at least 2 levels")
-    sigma_min = float(sig[-1])
-    if sigma_min <= 0:
-        raise ValueError(f"sigmas end at {sigma_min}; a consistency grid ends at sigma_min > 0")
-    _distance(distance, jnp.zeros((1, 1)), jnp.zeros((1, 1)))  # checks the name
-    step = ode_step(ode) if isinstance(ode, str) else ode
+    (teacher=None: x_lo from the same noise).
 
-    def objective(params, batch, key, frozen):
+    The levels: `sigmas`, a fixed decreasing grid > 0 (`karras_levels`), or `curriculum` =
+    dict(total_steps=K[, s0=10, s1=1280]): iCT's doubling number of levels
+    (`ict_discretization`) on the rho-grid from sigma_max to sigma_min; the objective then takes
+    the training step (`takes_step`). A pair of adjacent levels is drawn per sample, uniformly
+    or by iCT's lognormal (`level_sampling="lognormal"`, log sigma ~ N(p_mean, p_std^2))."""
+    if (sigmas is None) == (curriculum is None):
+        raise ValueError("give one of sigmas= (a fixed grid) and curriculum= (iCT's doubling "
+                         "grid)")
+    if level_sampling not in ("uniform", "lognormal"):
+        raise ValueError(f"level_sampling={level_sampling!r} is unknown; allowed: uniform, "
+                         "lognormal")
+    if sigmas is not None:
+        fixed = jnp.asarray(sigmas, jnp.float32)
+        if fixed.ndim != 1 or fixed.shape[0] < 2:
+            raise ValueError("sigmas must be a 1-D grid of at least 2 levels")
+        sigma_min = float(fixed[-1])
+        if sigma_min <= 0:
+            raise ValueError(f"sigmas end at {sigma_min}; a consistency grid ends at "
+                             "sigma_min > 0")
+    else:
+        curriculum = dict(curriculum)
+        size = int(curriculum.get("s1", 1280)) + 1
+        karras_levels(2, sigma_min, sigma_max, rho)  # checks the range
+    _distance(distance, jnp.zeros((1, 1)), jnp.zeros((1, 1)))  # checks the name
+    step_fn = ode_step(ode) if isinstance(ode, str) else ode
+
+    def levels(step):
+        if curriculum is None:
+            return fixed, jnp.ones(fixed.shape[0] - 1, bool), fixed.shape[0]
+        n = ict_discretization(step, **curriculum)
+        i = jnp.arange(size)
+        u = i / (n - 1).astype(jnp.float32)
+        a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+        sig = (a + jnp.minimum(u, 1.0) * (b - a)) ** rho
+        return sig, i[:-1] < n - 1, n
+
+    def objective(params, batch, key, frozen, step=0):
         x0 = batch["x"]
         args = _labels(batch, num_classes)
         k_n, k_z = jax.random.split(key)
-        n = jax.random.randint(k_n, (x0.shape[0],), 0, sig.shape[0] - 1)
+        sig, valid, count = levels(step)
+        logits = _pair_logits(sig, valid, level_sampling, p_mean, p_std)
+        n = jax.random.categorical(k_n, logits, shape=(x0.shape[0],))
         s_hi, s_lo = sig[n], sig[n + 1]
         z = jax.random.normal(k_z, x0.shape, x0.dtype)
         x_hi = x0 + expand_like(s_hi, x0) * z
@@ -241,13 +294,15 @@ def consistency_objective(student, *, process, prediction, sigmas, teacher=None,
             x_lo = x0 + expand_like(s_lo, x0) * z
         else:
             D_teacher = denoiser(_bound(teacher, frozen), process, prediction)
-            x_lo = jax.lax.stop_gradient(step(D_teacher, x_hi, s_hi, s_lo, *args))
+            x_lo = jax.lax.stop_gradient(step_fn(D_teacher, x_hi, s_hi, s_lo, *args))
         f = consistency_function(denoiser(_bound(student, params), process, prediction),
                                  sigma_min)
         target = jax.lax.stop_gradient(f(x_lo, s_lo, *args))
         d = _distance(distance, f(x_hi, s_hi, *args), target)
-        return jnp.mean(d / (s_hi - s_lo)), {"consistency_distance": jnp.mean(d)}
+        return jnp.mean(d / (s_hi - s_lo)), {"consistency_distance": jnp.mean(d),
+                                               "levels": count}
 
+    objective.takes_step = curriculum is not None
     return objective
 
 

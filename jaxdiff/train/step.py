@@ -43,13 +43,18 @@ def make_train_step(objective, tx, lr_fn, *, ema_decays):
     objective(params, batch, key, frozen) -> (loss, aux): the scalar to minimise over `params`,
     with `key` = fold_in(state.rng, state.step) (a resumed run draws the same numbers) and
     `frozen` what the objective reads but does not train (e.g. a teacher's params); scalar
-    entries of a dict `aux` join the metrics. `diffusion_objective` is the denoising loss.
+    entries of a dict `aux` join the metrics. `diffusion_objective` is the denoising loss. An
+    objective with the attribute `takes_step = True` is also given `step=` (the state's step,
+    traced), for curricula such as consistency training's discretization.
     EMA decay d is warmed up as min(d, (1 + step) / (10 + step))."""
+
+    takes_step = getattr(objective, "takes_step", False)
 
     def train_step(state, batch, frozen=None):
         key = jax.random.fold_in(state.rng, state.step)
+        kw = {"step": state.step} if takes_step else {}
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params, batch, key, frozen)
+            state.params, batch, key, frozen, **kw)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         warm = (1.0 + state.step) / (10.0 + state.step)
