@@ -9,7 +9,8 @@ objective of `jaxdiff.distill` through `make_train_step`:
   each round's student initialized from the previous one, its grid every other level of its
   teacher's; sampled with DDIM on that grid;
 - consistency distillation (Heun on the teacher) and consistency training (data only), on a
-  Karras grid of `CM_LEVELS` levels; sampled with the consistency sampler;
+  Karras grid of `CM_LEVELS` levels, and consistency training with iCT's doubling curriculum
+  and lognormal pairs; sampled with the consistency sampler on `consistency_grid`;
 Scores at 1, 2, 4, 8 steps on fixed noise: RMSE to the exact ODE map (for the deterministic
 maps), the sliced Wasserstein-1 distance to the exact map's samples (a distribution distance,
 also for multistep consistency sampling, which renoises), and the mixture-weight error (total
@@ -152,10 +153,13 @@ def main(argv=None):
         teacher, frozen = ModelApply(MLP(width=128, depth=3)), params
     # consistency distillation and training
     levels = distill.karras_levels(CM_LEVELS)
-    for label, teacher_fn in (("consistency distillation", exact_teacher),
-                              ("consistency training", None)):
+    ict = dict(curriculum=dict(total_steps=iters), level_sampling="lognormal")
+    for label, teacher_fn, grid in (("consistency distillation", exact_teacher, {}),
+                                    ("consistency training", None, {}),
+                                    ("consistency training (iCT)", None, ict)):
         obj = distill.consistency_objective(student, process=S.process, prediction="edm",
-                                            sigmas=levels, teacher=teacher_fn)
+                                            teacher=teacher_fn,
+                                            **(grid or dict(sigmas=levels)))
         params, secs, loss = S.train(obj, frozen={} if teacher_fn else None)
         for n in STEPS:
             x = S.draw(student_net(params), "consistency", n, key=jax.random.key(7),
