@@ -329,3 +329,17 @@ def test_ict_curriculum_and_the_step_reaching_the_objective():
     with pytest.raises(ValueError, match=r"level_sampling='beta' is unknown"):
         distill.consistency_objective(student, process=process, prediction=prediction,
                                       sigmas=distill.karras_levels(4), level_sampling="beta")
+
+
+def test_teacher_record_digest_changes_with_any_bit():
+    params = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.ones(4, jnp.int32)}}
+    rec = distill.teacher_record("runs/t", 12, params)
+    assert rec["step"] == 12 and rec["workdir"].endswith("runs/t")
+    assert len(rec["params_sha256"]) == 64
+    assert distill.params_digest(jax.tree.map(jnp.array, params)) == rec["params_sha256"]
+    flipped = {"a": params["a"].at[1, 2].set(np.nextafter(np.float32(5.0), np.float32(6.0))),
+               "b": params["b"]}
+    reshaped = {"a": params["a"].reshape(3, 2), "b": params["b"]}
+    renamed = {"x": params["a"], "b": params["b"]}
+    digests = {distill.params_digest(p) for p in (params, flipped, reshaped, renamed)}
+    assert len(digests) == 4

@@ -15,7 +15,9 @@ from jaxdiff.distill.objectives import (
     reflow_objective,
     reflow_pairs,
 )
+from jaxdiff.distill.teacher import params_digest, teacher_record
 
 __all__ = ["consistency_function", "consistency_grid", "consistency_objective",
            "guided_objective", "ict_discretization", "karras_levels", "ode_step", "pd_target",
-           "progressive_objective", "reflow_objective", "reflow_pairs"]
+           "params_digest", "progressive_objective", "reflow_objective", "reflow_pairs",
+           "teacher_record"]
