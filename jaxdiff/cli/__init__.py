@@ -16,6 +16,9 @@
                    [--calib 256] [--keep default|none] [--out DIR]
                    (post-training quantization, jaxdiff.accel.quant; cli/quantize.py; default
                    DIR: runs/digits/quantized/<scheme>-<calibration>[<groups>])
+    jaxdiff distill --teacher runs/digits --method progressive|guided|cd|ct|reflow
+                   --workdir runs/digits-pd [--config.distill.KEY=VALUE ...]
+                   (a few-step student, jaxdiff.distill; cli/distill.py)
     jaxdiff tune-sampler --workdir runs/digits --nfe 5  (a learned solver; cli/tune.py)
     jaxdiff plot   --workdir runs/digits [--out curves.png]
     jaxdiff help [COMMAND], jaxdiff COMMAND --help: that command's usage (usage.py); --helpfull
@@ -62,6 +65,9 @@ def main(argv=None):
     if argv[1:2] == ["tune-sampler"]:  # its own argparse flags (cli/tune.py)
         from jaxdiff.cli import tune
         return tune.main(argv[2:])
+    if argv[1:2] == ["distill"]:  # its own argparse flags (cli/distill.py)
+        from jaxdiff.cli import distill
+        return distill.main(argv[2:])
     if argv[1:2] == ["quantize"]:  # its own argparse flags (cli/quantize.py)
         from jaxdiff.cli import quantize
         return quantize.main(argv[2:])

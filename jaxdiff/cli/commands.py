@@ -175,9 +175,10 @@ def draw_with_cost(config, model, process, params, *, num, seed, sampler=None, s
     if parsed is not None and run["sampler"] == "ode":
         raise ValueError(f"{what}: sampler 'ode' (diffrax, adaptive) cannot carry a cache's "
                          "state; allowed: a fixed-grid sampler (e.g. dpmpp_2m) or no cache")
-    rows = padded * (1 if labels is None else 2)  # under CFG: [x; x] with labels [y; y_null]
+    rows = padded * (2 if isinstance(guide, CFG) else 1)  # CFG: [x; x], labels [y; y_null]
     example = (np.zeros((rows,) + shape, np.float32), np.zeros(rows, np.float32),
-               *(() if labels is None else (np.zeros(rows, np.int32),)))
+               *(() if labels is None else (np.zeros(rows, np.int32),)),
+               *((np.zeros(rows, np.float32),) if config.model.get("guidance_embed") else ()))
     with parallel.tracing_on(mesh):
         if parsed is None:
             net = (train_lib.network(model, params) if quantized is None
@@ -226,8 +227,13 @@ def _labels(config, num, label, guidance, mesh):
         raise ValueError(f"--class={label} is not a class of this model; allowed: 0..{K - 1}")
     labels = np.full(num, label, np.int32) if label is not None else np.arange(num) % K
     scale = config.sampler.guidance if guidance is None else guidance
-    guide = CFG(scale=scale, y=parallel.put_global(labels.astype(np.int32), mesh),
-                y_null=parallel.put_global(np.full(num, K, np.int32), mesh))
+    y = parallel.put_global(labels.astype(np.int32), mesh)
+    if "distill" in config:  # a distilled student: one pass (guidance absorbed, or w an input)
+        from jaxdiff.distill.run import conditioning
+
+        return labels, conditioning(config, y, guidance, put=lambda a: parallel.put_global(
+            a, mesh))
+    guide = CFG(scale=scale, y=y, y_null=parallel.put_global(np.full(num, K, np.int32), mesh))
     return labels, guide
 
 

@@ -13,6 +13,8 @@ commands:
   eval sweep  FD against NFE for several samplers and step counts (.md, .png, .json)
   plot        a trained run's training curves as a PNG
   tune-sampler  fit a learned few-step solver to a trained run (JSON; tune-sampler --help)
+  distill     a few-step student of a trained run: progressive, guided, cd, ct, reflow
+              (distill --help); sample and eval read the student's --workdir
   quantize    post-training quantization of a trained run into a quantized checkpoint
               (w8a8, w4a8, fp8, ...; quantize --help); sample and eval take it: --quantized
 

@@ -27,7 +27,8 @@ from jaxdiff.core.guidance import CFG
 from jaxdiff.train import parallel
 from jaxdiff.train.loop import check_loop
 
-SECTIONS = ("model", "process", "loss", "sampler", "optim", "data", "train", "mesh")
+SECTIONS = ("model", "process", "loss", "sampler", "optim", "data", "train", "mesh", "distill",
+            "teacher")
 KEYS = {  # the sections with a fixed set of keys (model and process fields depend on the name)
     "loss": ("prediction", "weighting", "time_sampling", "p_uncond"),
     "sampler": ("name", "steps", "schedule", "guidance", "options", "cache"),
@@ -38,7 +39,7 @@ KEYS = {  # the sections with a fixed set of keys (model and process fields depe
     "mesh": tuple(parallel.AXES),
 }
 OPTIONAL = {"data.latent_shape", "train.skip_nonfinite", "mesh.data", "mesh.fsdp", "mesh.tensor",
-            "sampler.cache"}
+            "sampler.cache", "distill", "teacher"}  # distill, teacher: a student (jaxdiff.distill)
 LOOP_KEYS = {"total_steps": "train.steps", "log_every": "train.log_every",  # check_loop's names
              "ckpt_every": "train.ckpt_every", "keep": "train.keep",
              "sample_every": "train.sample_every"}
@@ -62,6 +63,24 @@ def check_config(config):
     _check_sampler(config, process, info["shape"])
     _check_model(config, info["shape"])
     _check_cache(config)
+    _check_distill(config)
+
+
+def _grid(v):
+    """An explicit grid: a list of >= 2 finite, strictly decreasing levels >= 0."""
+    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or len(v) < 2:
+        return False
+    if not all(_number(x) and x >= 0 for x in v):
+        return False
+    return all(a > b for a, b in zip(v, v[1:]))
+
+
+def _check_distill(config):
+    """A student's `distill` section (`jaxdiff.distill.run.check`)."""
+    if "distill" in config:
+        from jaxdiff.distill import run
+
+        run.check(config)
 
 
 def _check_loop(config):
@@ -131,9 +150,11 @@ RULES = {  # key: (test, what is allowed); a key missing from the config is not 
     "data.random_flip": (lambda v: isinstance(v, bool), "must be True or False"),
     "sampler.name": _one_of(sorted(samplers.SAMPLERS)),
     "sampler.steps": (lambda v: _integer(v) and v >= 1, "must be an integer >= 1"),
-    "sampler.schedule": (lambda v: v is None or (isinstance(v, str) and v in schedules.SCHEDULES),
-                         f"is unknown; allowed: None (the process's default) or one of "
-                         f"{', '.join(schedules.SCHEDULES)}"),
+    "sampler.schedule": (lambda v: v is None or (isinstance(v, str) and v in schedules.SCHEDULES)
+                         or _grid(v),
+                         f"is unknown; allowed: None (the process's default), one of "
+                         f"{', '.join(schedules.SCHEDULES)}, or a list of decreasing noise "
+                         "levels"),
     "sampler.guidance": (lambda v: _number(v) and v >= 0,
                          "must be a finite number >= 0 (1 = no guidance)"),
     "sampler.options": (lambda v: hasattr(v, "keys"), "must be a dict of sampler options"),

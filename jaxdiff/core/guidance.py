@@ -385,6 +385,18 @@ class DynamicThreshold:
         return dynamic_threshold(D, self.percentile, self.max_value)
 
 
+@pytree_dataclass(data=("args",))
+class Conditioning:
+    """No guidance: the network's extra arguments bound, `model_fn(x, t, *args)` in one pass
+    (e.g. labels, or labels and the guidance scale of a guidance-distilled student,
+    `jaxdiff.distill`)."""
+
+    args: tuple
+
+    def __call__(self, D):
+        return _bind(D, *self.args)
+
+
 @pytree_dataclass(data=("steps",))
 class Chain:
     """Applies guidance transforms in order, e.g. `Chain((CFG(...), DynamicThreshold()))`
@@ -442,5 +454,5 @@ def _check_labels(where, y, y_null, batch):
 __all__ = [
     "cfg", "cfg_rescale", "guidance_interval", "adaptive_cfg", "calibrate_adaptive", "autoguidance",
     "classifier_guidance", "dynamic_threshold", "CFG", "AdaptiveCFG", "Autoguidance",
-    "ClassifierGuidance", "DynamicThreshold", "Chain", "check_guidance",
+    "ClassifierGuidance", "Conditioning", "DynamicThreshold", "Chain", "check_guidance",
 ]

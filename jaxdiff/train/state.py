@@ -67,7 +67,8 @@ def _variables(model, x_shape, num_classes, key):
     """The model's variables, boxed with logical axis names."""
     x = jnp.zeros((1,) + tuple(x_shape), jnp.float32)
     y = jnp.zeros((1,), jnp.int32) if num_classes else None
-    return model.init({"params": key}, x, jnp.zeros((1,)), y)
+    kw = {"w": jnp.ones((1,))} if getattr(model, "guidance_embed", False) else {}
+    return model.init({"params": key}, x, jnp.zeros((1,)), y, **kw)
 
 
 def _init_state(model, tx, *, x_shape, num_classes, seed, ema_decays):
