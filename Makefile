@@ -6,7 +6,7 @@ BASE := $(VENV)/.installed-base
 FULL := $(VENV)/.installed-test
 DEMO_DIR ?= runs/digits
 
-.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching bench-quantization clean
+.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching bench-quantization bench-distillation clean
 
 $(BASE): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,13 @@ bench-caching: testbed
 # per scheme and calibration (benchmarks/out/quantization.{md,png,json}). ~60 min on 2 cores.
 bench-quantization: testbed
 	$(BIN)/python benchmarks/quantization.py
+
+# Few-step students (progressive, guided, consistency distillation / training, reflow) of the
+# testbed UNet and flow DiT (~1 h on 2 CPU cores; students kept in benchmarks/out/distillation/,
+# a rerun resumes), then of an exact Gaussian-mixture teacher
+bench-distillation: testbed
+	$(BIN)/python benchmarks/distillation.py
+	$(BIN)/python benchmarks/distill_gmm.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -3,7 +3,7 @@ distillation method, against the teacher at the same steps and at 50 steps, and 
 
 Teachers: `digits16_unet` (EDM, class-conditional, CFG 2.0) for progressive, guided, consistency
 distillation (cd) and consistency training (ct); `digits16_flow` (rectified flow) for reflow.
-Each method runs through `jaxdiff.distill.run.distill` (the code `jaxdiff distill` runs) in
+Each method runs through `jaxdiff.cli.distill_stages.distill` (the code `jaxdiff distill` runs) in
 OUT/distillation/<method>/, from the teacher's EMA params, with the settings of `PLANS`.
 - quality: FD_digits and classifier agreement of `NUM` samples from noise seed 0
   (`testbed.score`), labels cycled: every progressive round's student at its own steps; the
@@ -40,7 +40,8 @@ from ml_collections import ConfigDict
 import jaxdiff
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build
-from jaxdiff.distill import consistency_grid, run, teacher_record
+from jaxdiff.cli import distill_stages as run
+from jaxdiff.distill import consistency_grid, teacher_record
 from jaxdiff.train.checkpoint import Checkpointer
 
 NUM, SEED = 500, 0

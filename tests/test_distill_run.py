@@ -1,4 +1,4 @@
-"""`jaxdiff distill` and `jaxdiff.distill.run` on the session's tiny digits run: stages as
+"""`jaxdiff distill` and `jaxdiff.cli.distill_stages` on the session's tiny digits run: stages as
 training runs, the teacher's record and its params untouched, kill-and-resume bit-identical
 mid-round, students sampled through `jaxdiff sample`, one-line errors."""
 
@@ -13,12 +13,13 @@ from ml_collections import ConfigDict
 
 from jaxdiff import train as train_lib
 from jaxdiff.cli import build, commands
+from jaxdiff.cli import distill_stages as run
 from jaxdiff.data import pairs
-from jaxdiff.distill import params_digest, run, teacher_record
+from jaxdiff.distill import graft, params_digest, teacher_record
 from jaxdiff.train import loop
 from tests._cli import main
 
-FAST = ["--config.train.steps=2", "--config.optim.warmup_steps=1", "--config.train.log_every=1",
+FAST = ["--config.train.steps=3", "--config.optim.warmup_steps=1", "--config.train.log_every=1",
         "--config.train.ckpt_every=1", "--config.train.num_samples=4"]
 
 
@@ -36,14 +37,24 @@ def _student(teacher_dir, method, **settings):
     return config, params, teacher_record(str(teacher_dir), step, params)
 
 
-def test_progressive_cli_records_its_teacher_and_samples(digits_run, tmp_path):
+PD = ["--method=progressive", "--config.distill.teacher_steps=4",
+      "--config.distill.student_steps=1", *FAST]
+
+
+@pytest.fixture(scope="module")
+def pd_run(digits_run, tmp_path_factory):
+    """A two-round progressive distillation (4 -> 2 -> 1 steps) of the session's run, by the
+    CLI."""
+    work = tmp_path_factory.mktemp("distill") / "pd"
+    code, errors = main("distill", f"--teacher={digits_run}", f"--workdir={work}", *PD)
+    assert code == 0, errors
+    return work
+
+
+def test_progressive_cli_records_its_teacher_and_samples(digits_run, pd_run, tmp_path):
+    work = pd_run
     _, params, step = _teacher(digits_run)
     before = params_digest(params)
-    work = tmp_path / "pd"
-    code, errors = main("distill", f"--teacher={digits_run}", "--method=progressive",
-                        f"--workdir={work}", "--config.distill.teacher_steps=4",
-                        "--config.distill.student_steps=1", *FAST)
-    assert code == 0, errors
     config = json.load(open(work / "config.json"))
     assert config["teacher"] == dict(workdir=os.path.abspath(digits_run), step=step,
                                      params_sha256=before)
@@ -55,7 +66,6 @@ def test_progressive_cli_records_its_teacher_and_samples(digits_run, tmp_path):
     np.testing.assert_allclose(stage["sampler"]["schedule"], base[::2], rtol=1e-6)
     assert os.listdir(work / "stages" / "0-pd2" / "checkpoints") and os.listdir(
         work / "checkpoints")
-    assert params_digest(_teacher(digits_run)[1]) == before  # the teacher run is untouched
     code, errors = main("sample", f"--workdir={work}", "--num=4", f"--out={tmp_path}/s.png")
     assert code == 0 and os.path.exists(tmp_path / "s.png"), errors
     # it absorbed CFG at the teacher's scale: another one is refused in one line
@@ -63,29 +73,33 @@ def test_progressive_cli_records_its_teacher_and_samples(digits_run, tmp_path):
                         f"--out={tmp_path}/t.png")
     assert code == 1 and "absorbed classifier-free guidance at 2.0" in errors[-1], errors
     # the same command again: every stage is done, nothing retrains, the student is unchanged
-    final = _teacher(work)[1]
-    code, errors = main("distill", f"--teacher={digits_run}", "--method=progressive",
-                        f"--workdir={work}", "--config.distill.teacher_steps=4",
-                        "--config.distill.student_steps=1", *FAST)
+    final = params_digest(_teacher(work)[1])
+    code, errors = main("distill", f"--teacher={digits_run}", f"--workdir={work}", *PD)
     assert code == 0, errors
-    assert params_digest(_teacher(work)[1]) == params_digest(final)
+    assert params_digest(_teacher(work)[1]) == final
 
 
 class _Killed(Exception):
     pass
 
 
-def test_kill_mid_round_then_resume_is_bit_identical(digits_run, tmp_path, monkeypatch):
-    config, params, record = _student(digits_run, "progressive", teacher_steps=4,
-                                      student_steps=1)
+def test_kill_mid_round_then_resume_is_bit_identical(digits_run, pd_run, tmp_path,
+                                                     monkeypatch):
+    """The CLI's run, again through the library, killed in round 2 after its first checkpoint
+    and resumed: the same student bit for bit, the teacher's params untouched."""
+    from jaxdiff.cli.distill import apply_overrides, parse
+
+    args, overrides = parse([f"--teacher={digits_run}", "--workdir=unused", *PD])
+    cfg, params, step = _teacher(digits_run)
+    config = run.student_config(cfg.to_dict(), args.method)
+    apply_overrides(config, overrides)
+    record = teacher_record(str(digits_run), step, params)
     before = params_digest(params)
-    whole = run.distill(ConfigDict(config.to_dict()), str(tmp_path / "a"),
-                        teacher_params=params, record=record, log=False)
     real = loop.check_finite
     calls = []
 
     def kill_in_round_two(metrics, step, ckpt):
-        calls.append(step)
+        calls.append(step)  # twice a step: after logging, before the checkpoint
         if len(calls) > 4 and step == 2:  # round 2, after its checkpoint at step 1
             raise _Killed
         return real(metrics, step, ckpt)
@@ -98,8 +112,17 @@ def test_kill_mid_round_then_resume_is_bit_identical(digits_run, tmp_path, monke
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["1"]
     resumed = run.distill(ConfigDict(config.to_dict()), str(tmp_path / "b"),
                           teacher_params=params, record=record, log=False)
-    assert params_digest(resumed) == params_digest(whole)
+    assert params_digest(resumed) == params_digest(_teacher(pd_run)[1])
     assert params_digest(params) == before  # the frozen teacher was never donated or updated
+
+
+def test_help_is_the_commands_usage(capsys):
+    from jaxdiff.cli import distill
+
+    assert distill.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: jaxdiff distill --teacher RUN --method NAME --workdir DIR")
+    assert "progressive, guided, cd, ct, reflow" in out
 
 
 def test_guided_student_takes_w_and_starts_as_the_conditional_teacher(digits_run, tmp_path):
@@ -124,7 +147,7 @@ def test_guided_student_takes_w_and_starts_as_the_conditional_teacher(digits_run
     assert float(np.abs(outs[0] - outs[1]).max()) > 0  # w changes the output
     # at init the w embedding adds zero: the student is the conditional teacher for every w
     tx, _ = build.optimizer(saved)
-    fresh = run._graft(train_lib.init_state(model, tx, x_shape=(8, 8, 1), num_classes=10,
+    fresh = graft(train_lib.init_state(model, tx, x_shape=(8, 8, 1), num_classes=10,
                                             seed=0, ema_decays=(0.9,)).params, params)
     init = [model.apply({"params": fresh}, x, t, y, w=np.full(3, w, np.float32))
             for w in (1.0, 4.0)]

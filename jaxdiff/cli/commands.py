@@ -229,7 +229,7 @@ def _labels(config, num, label, guidance, mesh):
     scale = config.sampler.guidance if guidance is None else guidance
     y = parallel.put_global(labels.astype(np.int32), mesh)
     if "distill" in config:  # a distilled student: one pass (guidance absorbed, or w an input)
-        from jaxdiff.distill.run import conditioning
+        from jaxdiff.cli.distill_stages import conditioning
 
         return labels, conditioning(config, y, guidance, put=lambda a: parallel.put_global(
             a, mesh))

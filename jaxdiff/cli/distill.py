@@ -1,11 +1,11 @@
 """`jaxdiff distill`: a trained run (the teacher) into a few-step student run
-(`jaxdiff.distill.run`), stage by stage through the normal training loop.
+(`jaxdiff.cli.distill_stages`), stage by stage through the normal training loop.
 
     jaxdiff distill --teacher RUN --method progressive|guided|cd|ct|reflow --workdir DIR
                     [--config.distill.KEY=VALUE] [--config.train.steps=N] [--config.KEY=VALUE]
 
 The student's config is the teacher's config.json plus a `distill` section
-(jaxdiff.distill.run.DEFAULTS: teacher_steps, student_steps, guidance, guidance_range, levels,
+(distill_stages.DEFAULTS: teacher_steps, student_steps, guidance, guidance_range, levels,
 ode, distance, s0, s1, init, pairs, pair_sampler, pair_steps, sigma_min) and the teacher's
 record (run, step, sha256 of its params). train.steps is the length of each stage (each
 progressive round, guided stage 1, the consistency run, reflow). The same command again resumes
@@ -142,7 +142,8 @@ def apply_overrides(config, overrides):
 
 def distill(args, overrides):
     from jaxdiff.cli import build, commands
-    from jaxdiff.distill import run, teacher_record
+    from jaxdiff.cli import distill_stages as run
+    from jaxdiff.distill import teacher_record
 
     tcfg = teacher_config(args.teacher)
     config = run.student_config(tcfg, args.method)

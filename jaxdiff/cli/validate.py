@@ -76,9 +76,9 @@ def _grid(v):
 
 
 def _check_distill(config):
-    """A student's `distill` section (`jaxdiff.distill.run.check`)."""
+    """A student's `distill` section (`jaxdiff.cli.distill_stages.check`)."""
     if "distill" in config:
-        from jaxdiff.distill import run
+        from jaxdiff.cli import distill_stages as run
 
         run.check(config)
 

@@ -1,5 +1,6 @@
-"""What a student records of its teacher (issue 15): the run, the step and a digest of the
-parameters, so that a student's provenance can be checked against the teacher run later."""
+"""A student's teacher: what the student records of it (the run, the step and a digest of the
+parameters, so that its provenance can be checked later), the teacher under classifier-free
+guidance as one network (`with_cfg`), and a student's init from its params (`graft`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -27,3 +29,41 @@ def teacher_record(workdir, step, params):
     `teacher` entry of a student's config."""
     return {"workdir": os.path.abspath(workdir), "step": int(step),
             "params_sha256": params_digest(params)}
+
+
+def with_cfg(apply, w, num_classes):
+    """The teacher under classifier-free guidance at scale w as one network: u + w (c - u) of
+    its raw outputs (every prediction type is affine in the denoiser with the same
+    coefficients, so this is CFG on the denoiser); the network itself for w = 1 or no classes."""
+    if not num_classes or w == 1.0:
+        return apply
+
+    def guided(params, x, t, y):
+        c = apply(params, x, t, y)
+        u = apply(params, x, t, jnp.full_like(y, num_classes))
+        return u + w * (c - u)
+
+    return guided
+
+
+def graft(fresh, source):
+    """`fresh` (a student's init) with every entry `source` also has taken from `source`; a
+    guidance embedding only the student has starts at zero output (`zero_last`). Leaves are
+    copies in the student's dtypes: a train step that donates them never touches the source."""
+    if isinstance(fresh, dict):
+        out = {}
+        for k, v in fresh.items():
+            if k in source:
+                out[k] = graft(v, source[k])
+            elif k in ("guidance_embed", "w_embedder"):
+                out[k] = zero_last(v)
+            else:
+                out[k] = v
+        return out
+    return jnp.array(source, fresh.dtype, copy=True)  # the step donates it: never the teacher's
+
+
+def zero_last(tree):
+    """An embedder's params with its final dense layer (the last in name order) zeroed."""
+    last = sorted(tree)[-1]  # the embedder's final dense layer ("mlp.2")
+    return {k: (jax.tree.map(jnp.zeros_like, v) if k == last else v) for k, v in tree.items()}

@@ -1,5 +1,6 @@
-"""Distillation runs: a teacher run in, a few-step student run out, through the normal training
-loop (`jaxdiff.train.train`: checkpoints, resume after a kill, meshes, metrics).
+"""`jaxdiff distill`'s runs (cli/distill.py parses the flags): a teacher run in, a few-step
+student run out, through the normal training loop (`jaxdiff.train.train`: checkpoints, resume
+after a kill, meshes, metrics).
 
 A method is a list of stages; each stage is an ordinary training run of `config.train.steps`
 steps with its own objective (`jaxdiff.distill.objectives`) and its teacher's params passed to
@@ -46,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from jaxdiff.distill import graft, params_digest, with_cfg
 from jaxdiff.distill import objectives as obj
-from jaxdiff.distill.teacher import params_digest
 
 METHODS = ("progressive", "guided", "cd", "ct", "reflow")
 DEFAULTS = dict(
@@ -201,21 +202,6 @@ def teacher_grid(config, process, index):
     first = 1 if config.distill.method == "guided" else 0
     r = index - first  # 0: the first round, whose teacher samples on the base grid
     return base_grid(config, process)[::2 ** r]
-
-
-def with_cfg(apply, w, num_classes):
-    """The teacher under classifier-free guidance at scale w as one network: u + w (c - u) of
-    its raw outputs (every prediction type is affine in the denoiser with the same
-    coefficients, so this is CFG on the denoiser); the network itself for w = 1 or no classes."""
-    if not num_classes or w == 1.0:
-        return apply
-
-    def guided(params, x, t, y):
-        c = apply(params, x, t, y)
-        u = apply(params, x, t, jnp.full_like(y, num_classes))
-        return u + w * (c - u)
-
-    return guided
 
 
 def objective_of(config, index, kind, *, student, teacher, process):
@@ -381,7 +367,7 @@ def _run_stage(config, folder, index, kind, process, teacher, *, first, original
     state = train_lib.init_state(student_model, tx, x_shape=shape, num_classes=K, seed=c.seed,
                                  ema_decays=tuple(config.optim.ema_decays))
     if (d.init or ("fresh" if kind == "ct" else "teacher")) == "teacher":
-        params = _graft(state.params, teacher if not first else original)
+        params = graft(state.params, teacher if not first else original)
         state = state.replace(params=params, ema_params=tuple(
                                   jax.tree.map(jnp.copy, params) for _ in state.ema_params),
                               opt_state=tx.init(params))
@@ -404,27 +390,6 @@ def _run_stage(config, folder, index, kind, process, teacher, *, first, original
                             sample_every=0, sample_fn=sample_fn if log else None,
                             description=description, frozen=teacher, log=log)
     return state.ema_params[0]
-
-
-def _graft(fresh, source):
-    """`fresh` (a student's init) with every entry `source` also has taken from `source`; a
-    guidance embedding only the student has starts at zero output (its last layer zeroed)."""
-    if isinstance(fresh, dict):
-        out = {}
-        for k, v in fresh.items():
-            if k in source:
-                out[k] = _graft(v, source[k])
-            elif k in ("guidance_embed", "w_embedder"):
-                out[k] = _zero_last(v)
-            else:
-                out[k] = v
-        return out
-    return jnp.array(source, fresh.dtype, copy=True)  # the step donates it: never the teacher's
-
-
-def _zero_last(tree):
-    last = sorted(tree)[-1]  # the embedder's final dense layer ("mlp.2")
-    return {k: (jax.tree.map(jnp.zeros_like, v) if k == last else v) for k, v in tree.items()}
 
 
 # --- reflow pairs ----------------------------------------------------------------------------
