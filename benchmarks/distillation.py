@@ -187,8 +187,8 @@ def method_rows(method, workdir, cached):
                                     guidance=float(cfg.sampler.guidance),
                                     train_s=times.get(name))
             rows.append(cached[key])
-        if method == "guided" and folder == workdir:
-            for w in GUIDANCES:
+        if method == "guided" and (folder == workdir or name == "guided"):
+            for w in GUIDANCES:  # the final student, and stage 1's (its error alone)
                 key = f"guided/{name}/{cfg.sampler.steps}/w{w}"
                 if key not in cached:
                     x, labels = sample_student(cfg, model, params, guidance=w)

@@ -1,6 +1,7 @@
-"""`jaxdiff` in the test process (`main`): no interpreter start and no imports, for the command
-lines that stop before training starts or only read a trained run; and faster XLA compiles for
-the test's subprocesses (`fast_compile`). Subprocess runs themselves: tests/_runs.py."""
+"""`jaxdiff` in the test process (`main`; `train_here`: a refused `jaxdiff train`, all of its
+stderr): no interpreter start and no imports, for the command lines that stop before training
+starts or only read a trained run; and faster XLA compiles for the test's subprocesses
+(`fast_compile`). Subprocess runs themselves: tests/_runs.py."""
 
 import contextlib
 import io
@@ -22,6 +23,35 @@ def main(*args):
     finally:
         FLAGS.unparse_flags()
     return code, [ln for ln in err.getvalue().splitlines() if ln.startswith("jaxdiff")]
+
+
+def train_here(capfd, *args):
+    """`jaxdiff train ARGS` in this process, for a train that is refused before it trains (one
+    line on stderr, exit status 1 or 2): (exit status, everything written to stderr, file
+    descriptor 2 included). Flags are reset before and after, as a fresh process has them, and
+    sys.argv is the command line and the checkout the working directory, as there
+    (ml_collections defines a flag for each --config.KEY override it finds in sys.argv; they go
+    after, as they would with the process)."""
+    import os
+    import sys
+
+    from jaxdiff.cli import FLAGS
+    from jaxdiff.cli import main as jaxdiff_main
+
+    capfd.readouterr()
+    argv, sys.argv = sys.argv, ["jaxdiff", "train", *args]
+    FLAGS.unparse_flags()
+    try:
+        with contextlib.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+            code = jaxdiff_main(list(sys.argv))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        FLAGS.unparse_flags()
+        sys.argv = argv
+        for name in [n for n in FLAGS if n.startswith("config.")]:
+            delattr(FLAGS, name)
+    return code, capfd.readouterr().err
 
 
 # XLA:CPU compiles these tests' programs about 4x faster without LLVM's optimisation passes

@@ -23,6 +23,15 @@ TINY = [  # tests/test_train.py's small digits run
     "--config.data.batch_size=16", "--config.optim.warmup_steps=1",
     "--config.train.sample_every=0", "--config.train.num_samples=10", "--config.sampler.steps=4",
 ]
+# a tiny toy2d run (a 1-block MLP of width 16 on 2-D points): the runs that test what the loop
+# and the CLI do around the train step (test_rundir, test_nonfinite). optim.schedule=constant:
+# the train step does not depend on train.steps, so runs of any length compile one program,
+# kept in the module's cache (cli_env)
+TOY = ["--config=configs/toy2d.py", "--config.model.width=16", "--config.model.depth=1",
+       "--config.data.batch_size=32", "--config.optim.warmup_steps=1",
+       "--config.optim.schedule=constant", "--config.train.log_every=2",
+       "--config.train.sample_every=0", "--config.train.num_samples=16",
+       "--config.sampler.steps=2"]
 # `python -c INJECT.format(at=k, extra=...)`: the CLI with batch x := NaN at step k (0: never),
 # after running `extra` (e.g. a further monkeypatch)
 INJECT = """import sys

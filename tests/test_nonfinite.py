@@ -12,7 +12,7 @@ import pytest
 
 from jaxdiff.train import nonfinite
 from jaxdiff.train.checkpoint import Checkpointer
-from tests._runs import DESC, INJECT, TINY, cli, final, read_all, state
+from tests._runs import DESC, INJECT, TOY, cli, final, read_all, state
 
 
 def _toy_step(tx):
@@ -65,7 +65,7 @@ def test_check_finite_names_step_and_last_good_checkpoint(tmp_path):
 
 
 def test_nonfinite_loss_stops_with_one_line_and_keeps_checkpoints(cli_env, tmp_path):
-    args = ["train", *TINY, "--config.train.steps=8", "--config.train.ckpt_every=2",
+    args = ["train", *TOY, "--config.train.steps=8", "--config.train.ckpt_every=2",
             "--config.train.log_every=5", f"--workdir={tmp_path}"]
     out = cli(cli_env, *args, code=INJECT.format(at=4, extra=""))
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
@@ -80,7 +80,7 @@ def test_nonfinite_loss_stops_with_one_line_and_keeps_checkpoints(cli_env, tmp_p
 
 
 def test_skip_nonfinite_finishes_the_run(cli_env, tmp_path):
-    args = ["train", *TINY, "--config.train.steps=6", "--config.train.ckpt_every=3",
+    args = ["train", *TOY, "--config.train.steps=6", "--config.train.ckpt_every=3",
             "--config.train.log_every=1", "--config.train.skip_nonfinite=True",
             f"--workdir={tmp_path}"]
     out = cli(cli_env, *args, code=INJECT.format(at=4, extra=""))

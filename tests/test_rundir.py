@@ -15,20 +15,22 @@ import pytest
 
 from jaxdiff.train import rundir
 from jaxdiff.train.checkpoint import Checkpointer
-from tests._runs import INJECT, ROOT, cli, kill, logged_once, start, steps
+from tests._cli import train_here as _train_here
+from tests._runs import INJECT, ROOT, TOY, cli, kill, logged_once, start, steps
 
-TOY = ["--config=configs/toy2d.py", "--config.model.width=16", "--config.model.depth=1",
-       "--config.data.batch_size=32", "--config.optim.warmup_steps=1",
-       "--config.train.log_every=2", "--config.train.sample_every=0",
-       "--config.train.num_samples=16", "--config.sampler.steps=2"]
-HOLD = """import sys, time
-from jaxdiff.train import rundir
+# HOLD and TRY load jaxdiff/train/rundir.py alone (it imports only the standard library, and
+# jax in lock()): the same lock code without importing all of jaxdiff in each process
+LOAD = """import importlib.util
+spec = importlib.util.spec_from_file_location("rundir", "jaxdiff/train/rundir.py")
+rundir = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(rundir)
+"""
+HOLD = LOAD + """import sys, time
 with rundir.lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(60)
 """
-TRY = """import sys
-from jaxdiff.train import rundir
+TRY = LOAD + """import sys
 try:
     with rundir.lock(sys.argv[1]):
         print("locked")
@@ -117,19 +119,23 @@ def finished(cli_env, tmp_path_factory):
                                    "0.001 -> 0.0005); resume it with its settings"),
     (["--config.optim.ema_decays=(0.9,0.99)"], "step 4 does not fit this run's train state"),
 ])
-def test_refused_train_changes_no_file(cli_env, finished, tmp_path, args, message):
+def test_refused_train_changes_no_file(capfd, finished, args, message):
     workdir = finished
     before = _hashes(workdir)
-    out = cli(cli_env, "train", *TOY, "--config.train.steps=8", *args, f"--workdir={workdir}")
-    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
+    code, err = _train_here(capfd, *TOY, "--config.train.steps=8", *args, f"--workdir={workdir}")
+    assert code != 0 and "Traceback" not in err, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and message in err, err
     assert _hashes(workdir) == before
-    sample = cli(cli_env, "sample", f"--workdir={workdir}", "--num=4", "--steps=2",
+
+
+def test_refused_runs_leave_it_sampleable(cli_env, finished, tmp_path):
+    """After the refused runs above (each left every file as it was) the run samples its step 4."""
+    sample = cli(cli_env, "sample", f"--workdir={finished}", "--num=4", "--steps=2",
                  f"--out={tmp_path / 'sample.png'}")
     assert sample.returncode == 0 and "step 4" in sample.stdout, sample.stderr[-2000:]
 
 
-def test_second_trainer_is_refused_and_the_first_goes_on(cli_env, tmp_path):
+def test_second_trainer_is_refused_and_the_first_goes_on(capfd, cli_env, tmp_path):
     args = ["train", *TOY, "--config.train.steps=100000", "--config.train.ckpt_every=50",
             "--config.train.log_every=50", f"--workdir={tmp_path}"]
     first = start(cli_env, *args, stderr=subprocess.PIPE)
@@ -140,9 +146,9 @@ def test_second_trainer_is_refused_and_the_first_goes_on(cli_env, tmp_path):
     holder = json.load(open(tmp_path / ".lock"))
     assert holder["pid"] == first.pid
     config = (tmp_path / "config.json").read_text()
-    second = cli(cli_env, *args[:-1], "--config.optim.lr=0.01", f"--workdir={tmp_path}")
-    lines = second.stderr.strip().splitlines()
-    assert second.returncode != 0 and len(lines) == 1, second.stderr[-2000:]
+    code, err = _train_here(capfd, *args[1:-1], "--config.optim.lr=0.01", f"--workdir={tmp_path}")
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1, err[-2000:]
     assert lines[0].startswith(f"jaxdiff train: error: {tmp_path} is in use by another jaxdiff "
                                f"train (pid {first.pid} on host {socket.gethostname()}, since ")
     assert first.poll() is None, "the first trainer stopped"

@@ -13,7 +13,7 @@ from jaxdiff import models, train
 from jaxdiff.core import losses
 from jaxdiff.core.process import EDM
 from tests import _runs
-from tests._cli import fast_compile, main
+from tests._cli import fast_compile, main, train_here
 
 TINY = _runs.TINY + ["--config.train.log_every=3"]  # a small, fast run of the digits config
 
@@ -83,14 +83,15 @@ def test_sample_command_and_errors(digits_run, tmp_path, cli_env, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.npz", "grid.png"]
 
 
-def test_resuming_another_architecture_is_refused(digits_run, tmp_path, cli_env):
+def test_resuming_another_architecture_is_refused(digits_run, tmp_path, cli_env, capfd):
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)  # the session's run: 2 steps, a checkpoint at step 2
-    other = _runs.cli(cli_env, "train", *TINY, "--config.model.channels=16",
-                      "--config.train.steps=4", f"--workdir={run}")
-    assert other.returncode != 0
-    assert "holds a checkpoint (step 2) of another architecture" in other.stderr
-    assert len(other.stderr.strip().splitlines()) == 1  # one clear line, no traceback
+    # refused before it trains: in this process (tests/_cli.py), all of stderr captured
+    code, err = train_here(capfd, *TINY, "--config.model.channels=16", "--config.train.steps=4",
+                           f"--workdir={run}")
+    assert code != 0
+    assert "holds a checkpoint (step 2) of another architecture" in err
+    assert len(err.strip().splitlines()) == 1  # one clear line, no traceback
     # remat changes how the network computes, not its parameters: the run resumes with it
     remat = _runs.cli(cli_env, "train", *TINY, "--config.model.remat=True",
                       "--config.train.steps=4", f"--workdir={run}")
