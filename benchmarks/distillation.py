@@ -202,9 +202,7 @@ def method_rows(method, workdir, cached):
 def _grid(method, cfg, n):
     process = build.process(cfg)
     if method == "reflow":
-        from jaxdiff.core import schedules
-
-        return [float(s) for s in schedules.get("time_uniform")(process, n)]
+        return [float(s) for s in run.euler_grid(process, n)]
     return [float(s) for s in consistency_grid(n, cfg.distill.sigma_min,
                                                float(process.sigma_max))]
 

@@ -182,10 +182,17 @@ def stages(config, process):
         grid = obj.consistency_grid(d.student_steps, d.sigma_min, _sigma_range(process)[1])
         return [(d.method, d.method, _sampler("consistency", np.asarray(grid),
                                               sigma_min=d.sigma_min))]
+    return [("pairs", "pairs", None),
+            ("reflow", "reflow", _sampler("euler", euler_grid(process, d.student_steps)))]
+
+
+def euler_grid(process, steps):
+    """A reflowed student's grid: `steps` Euler steps uniform in the process's time, from t_max
+    to 0 (t_max (1 - i / steps) for i < steps, then the final 0)."""
     from jaxdiff.core import schedules
 
-    grid = schedules.get("time_uniform")(process, d.student_steps)
-    return [("pairs", "pairs", None), ("reflow", "reflow", _sampler("euler", np.asarray(grid)))]
+    t = float(process.t_max) * (1.0 - np.arange(steps) / steps)
+    return schedules.timesteps(process, t)
 
 
 def _sampler(name, grid, **options):
