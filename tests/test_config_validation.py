@@ -212,5 +212,6 @@ def test_unknown_section_is_refused():
     config = load("digits")
     config.eval = dict()
     with pytest.raises(ValueError, match=r"^config section 'eval' is unknown; allowed: model, "
-                                         r"process, loss, sampler, optim, data, train, mesh$"):
+                                         r"process, loss, sampler, optim, data, train, mesh, "
+                                         r"distill, teacher$"):
         check_config(config)

@@ -42,6 +42,8 @@ def load(path):
 
 
 class _Source:
+    """Random access to the pairs: item i is {"x", "noise", "label"} at row i."""
+
     def __init__(self, arrays):
         self.arrays = arrays
 
