@@ -5,6 +5,11 @@ The schedule is computed eagerly and padded to a fixed `capacity`; the step coun
 values, the guidance parameters and the network's parameters (when `model_fn` is a
 `jax.tree_util.Partial`) are data to one compiled program. Changing them does not recompile.
 So is a stateful network's initial state (`Stateful(model_fn, init)`, see `jaxdiff.samplers.base`).
+
+`sampler` is a name in `jaxdiff.samplers.SAMPLERS`, or a sampler object: a callable pytree
+`obj(denoiser, x, sigmas, *, num_steps, trajectory, [key,] **options)` with the sampler contract
+of `jaxdiff.samplers.base`, whose leaves (an inverse problem's operator and measurement, a
+solver's step sizes) are data to the compiled program, e.g. `jaxdiff.inverse.DPS(operator, y)`.
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ def sample(
         (out, state)`, called once per model evaluation, the state threaded through every call
         of the sampler (under CFG one call on [x; x], see `jaxdiff.core.guidance`).
       process: a `jaxdiff.core.process` process; prediction: one of eps, x0, v, flow, score, edm.
-      sampler: a name in `jaxdiff.samplers.SAMPLERS`; steps: number of sampler steps.
+      sampler: a name in `jaxdiff.samplers.SAMPLERS`, or a sampler object (module docstring);
+        steps: number of sampler steps.
       schedule: a name in `jaxdiff.core.schedules.SCHEDULES`, a function `(process, steps) -> grid`,
         or an explicit grid of steps + 1 decreasing noise levels. Default: `karras` for EDM/VE,
         `trailing` for DiscreteVP, `logsnr` otherwise.
@@ -86,7 +92,7 @@ def sample(
     if sampler_file is not None or sampler == "learned":
         schedule, steps, solver = _solver_file(sampler, sampler_file, process, schedule, steps,
                                                capacity, sampler_options)
-    fn = samplers_lib.get(sampler)
+    fn, sampler, method = _sampler(sampler)
     params = inspect.signature(fn).parameters
     unknown = sorted(set(sampler_options) - set(params))
     if unknown:
@@ -115,7 +121,19 @@ def sample(
         trajectory=trajectory,
         time=time,
         solver=solver,
+        method=method,
     )
+
+
+def _sampler(sampler):
+    """(function, name, pytree object or None) of a sampler name or sampler object."""
+    if isinstance(sampler, str):
+        return samplers_lib.get(sampler), sampler, None
+    if not callable(sampler) or isinstance(sampler, type):
+        raise ValueError(f"sampler={short_repr(sampler)} is neither a sampler name nor a sampler "
+                         f"object; allowed: {', '.join(sorted(samplers_lib.SAMPLERS))}, or a "
+                         "callable pytree such as jaxdiff.inverse.DPS(operator, y)")
+    return sampler, type(sampler).__name__, sampler
 
 
 def _solver_file(sampler, sampler_file, process, schedule, steps, capacity, options):
@@ -269,12 +287,12 @@ def _capacity(steps, capacity):
 
 
 def _core(model_fn, noise, sigmas, steps, key, process, guidance, *, sampler, prediction, options,
-          trajectory, time, solver=None):
+          trajectory, time, solver=None, method=None):
     _traces[sampler] += 1
     D = make_denoiser(model_fn, process, prediction)
     if guidance is not None:
         D = guidance(D)
-    fn = samplers_lib.get(sampler)
+    fn = samplers_lib.get(sampler) if method is None else method
     kwargs = dict(options, num_steps=steps, trajectory=trajectory)
     if key is not None and "key" in inspect.signature(fn).parameters:
         kwargs["key"] = key

@@ -98,3 +98,23 @@ def agreement(images, labels):
     labels = np.asarray(labels)
     per_class = {int(c): float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
     return float(np.mean(pred == labels)), per_class
+
+
+def pool_8x8(images):
+    """(N, H, W, 1) in [-1, 1], H = W = 8k, to (N, 64) as `to_8x8` does, in jax (traceable and
+    differentiable: a reward or a guidance gradient can go through it)."""
+    n, h, w, _ = images.shape
+    if h % 8 or w % 8 or h != w:
+        raise ValueError(f"digit images must be square with side a multiple of 8, got {h}x{w}")
+    k = h // 8
+    x = images[..., 0].reshape(n, 8, k, 8, k).mean(axis=(2, 4)).reshape(n, 64)
+    return jnp.clip(x, -1.0, 1.0)
+
+
+def log_prob(images, labels, params=None):
+    """log p(label | image) under the built-in network, per image (N,): jax in and out,
+    jittable and differentiable (e.g. a steering reward, `jaxdiff.steer`)."""
+    params = load()[0] if params is None else params
+    _, logits_ = forward(params, pool_8x8(images))
+    logp = jax.nn.log_softmax(logits_, axis=-1)
+    return jnp.take_along_axis(logp, jnp.asarray(labels, jnp.int32)[:, None], axis=-1)[:, 0]

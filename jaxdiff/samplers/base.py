@@ -33,6 +33,13 @@ every sampler also takes `Stateful(D, init)` (`jaxdiff.core.denoiser.Stateful`) 
   `num_steps`. A plain denoiser is lifted to the stateful form with the state `NO_STATE`, a pytree
   without leaves: its program has no extra carry entries and no extra ops.
 - `ode` (diffrax's adaptive solver) refuses a stateful denoiser: see its docstring.
+
+States that act between steps (SMC's particles, `jaxdiff.steer`): a state with a method
+`after_step(i, x, carry) -> (x, carry, state)` is called by the loop after every step i, with
+the state that step produced; it may reorder the particles (resampling): x and every leaf of the
+carry whose trailing dimensions are x's shape (a multistep history stacked in front) are then
+gathered by the same ancestor indices. Samplers without fixed
+steps (`dpm_adaptive`, `ode`) refuse such a state (`check_between_steps`).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from jaxdiff.core.denoiser import NO_STATE, Stateful, lift
 from jaxdiff.core.schedules import check_sigmas
 
 __all__ = ["NO_STATE", "Stateful", "lift", "run", "num_steps_of", "check_sigmas", "step_key",
-           "is_last"]
+           "is_last", "between_steps", "check_between_steps"]
 
 
 def num_steps_of(sigmas, num_steps):
@@ -69,14 +76,18 @@ def run(step, x, sigmas, carry=(), state=NO_STATE, *, num_steps=None, trajectory
     check_sigmas(sigmas)
     n = num_steps_of(sigmas, num_steps)
     stateful = state is not NO_STATE
+
+    def advance(i, x, carry, state):
+        return between_steps(i, *step(i, x, carry, state))
+
     if not trajectory:
-        x, _, state = jax.lax.fori_loop(0, n, lambda i, s: step(i, *s), (x, carry, state))
+        x, _, state = jax.lax.fori_loop(0, n, lambda i, s: advance(i, *s), (x, carry, state))
         return (x, state) if stateful else x
     traj = jnp.zeros((sigmas.shape[0],) + x.shape, x.dtype).at[0].set(x)
 
     def body(i, loop):
         x, carry, state, traj = loop
-        x, carry, state = step(i, x, carry, state)
+        x, carry, state = advance(i, x, carry, state)
         return x, carry, state, traj.at[i + 1].set(x)
 
     x, _, state, traj = jax.lax.fori_loop(0, n, body, (x, carry, state, traj))
@@ -85,6 +96,23 @@ def run(step, x, sigmas, carry=(), state=NO_STATE, *, num_steps=None, trajectory
     return (x, traj, state) if stateful else (x, traj)
 
 
+
+
+def between_steps(i, x, carry, state):
+    """The state's `after_step` hook after step i (see the module docstring), if it has one."""
+    hook = getattr(state, "after_step", None)
+    if hook is None:
+        return x, carry, state
+    return hook(i, x, carry)
+
+
+def check_between_steps(state, sampler):
+    """Refuses a state that acts between steps in a sampler without fixed steps."""
+    if getattr(state, "after_step", None) is not None:
+        raise ValueError(
+            f"sampler {sampler!r} has no fixed steps, so it cannot run a state that acts between "
+            f"steps ({type(state).__name__}, e.g. SMC particles); allowed: a fixed-grid sampler "
+            "(euler_ancestral, ddpm, ddim, dpmpp_2m, ...)")
 
 
 def step_key(key, i):

@@ -20,7 +20,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.samplers.base import NO_STATE, check_sigmas, lift, num_steps_of
+from jaxdiff.samplers.base import (
+    NO_STATE,
+    between_steps,
+    check_between_steps,
+    check_sigmas,
+    lift,
+    num_steps_of,
+)
 from jaxdiff.samplers.noise import noise_fn
 from jaxdiff.samplers.stochastic import ancestral_sigmas
 
@@ -185,6 +192,7 @@ def dpm_fast(denoiser, x, sigmas, *, num_steps=None, trajectory=False, nfe=None,
         if stochastic:
             z = draw(j, _sigma(t), _sigma(t_next), x)
             x = x + (up * s_noise).astype(x.dtype) * z
+        x, _, state = between_steps(j, x, (), state)
         return x, state, _record(traj, j + 1, x)
 
     x, state, traj = jax.lax.fori_loop(0, m, body, (x, state, traj))
@@ -228,6 +236,7 @@ def dpm_adaptive(denoiser, x, sigmas, *, num_steps=None, trajectory=False, order
     if not isinstance(max_nfe, jax.core.Tracer) and max_nfe < order + 1:
         raise ValueError(f"max_nfe={max_nfe!r} must be at least order + 1 = {order + 1}")
     denoiser, state = lift(denoiser)
+    check_between_steps(state, "dpm_adaptive")
     draw = noise_fn(noise_sampler, key, sigmas, num_steps) if stochastic else None
     t_start, t_end = _lam(hi), _lam(lo)
     q = 1.5 if stochastic else order
