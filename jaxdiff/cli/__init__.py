@@ -6,6 +6,8 @@
                    [--sampler_file solver.json | --scheduler_config scheduler_config.json]
                    [--cache deepcache:interval=3]      (a feature cache, jaxdiff.accel.cache)
                    [--quantized DIR]                   (a jaxdiff quantize network)
+                   [--steer smc:particles=8 | best_of_n:n=8 | search:rounds=2,candidates=3]
+                   [--reward classifier:digit=3]       (steered by a reward; cli/steer.py)
     jaxdiff eval   --workdir runs/digits --metrics fd,pr,nll --sampler heun --steps 18
                    --num 1000 [--features inception --inception_weights pt_inception.pth]
                    [--cache deepcache:interval=3 | --quantized DIR] [--out report.json]
@@ -20,6 +22,10 @@
                    --workdir runs/digits-pd [--config.distill.KEY=VALUE ...]
                    (a few-step student, jaxdiff.distill; cli/distill.py)
     jaxdiff tune-sampler --workdir runs/digits --nfe 5  (a learned solver; cli/tune.py)
+    jaxdiff solve  --workdir runs/digits --task inpaint:box --input x.npz [--solver ddnm]
+                   [--steps 100] [--sigma_y 0.05] [--class 3] [--out DIR]
+                   (an inverse problem with the run as prior, jaxdiff.inverse; cli/solve.py;
+                   default DIR: runs/digits/solve/<task>-<solver>)
     jaxdiff plot   --workdir runs/digits [--out curves.png]
     jaxdiff help [COMMAND], jaxdiff COMMAND --help: that command's usage (usage.py); --helpfull
                    adds every flag
@@ -71,6 +77,9 @@ def main(argv=None):
     if argv[1:2] == ["quantize"]:  # its own argparse flags (cli/quantize.py)
         from jaxdiff.cli import quantize
         return quantize.main(argv[2:])
+    if argv[1:2] == ["solve"]:  # its own argparse flags (cli/solve.py)
+        from jaxdiff.cli import solve
+        return solve.main(argv[2:])
     shown = _help(argv[1:])
     if shown is not None:
         return shown
@@ -203,8 +212,16 @@ def _sample(run):
     config = _run_config("sample")
     _check_conditioning(config)
     num = NUM["sample"] if FLAGS.num is None else FLAGS.num
-    check_memory("--num", num, config, "the samples")
     steps = None if FLAGS.steps is None else parse_steps(FLAGS.steps, many=False)
+    if FLAGS.steer is not None or FLAGS.reward is not None:  # cli/steer.py
+        from jaxdiff.cli import steer
+
+        check_memory("--num", num * steer.batch_factor(FLAGS.steer), config, "the samples")
+        steer.sample(config, FLAGS.workdir, out=out_path("sample"), num=num, seed=FLAGS.seed,
+                     sampler=FLAGS.sampler, steps=steps, label=FLAGS["class"].value,
+                     guidance=FLAGS.guidance, steer=FLAGS.steer, reward=FLAGS.reward)
+        return
+    check_memory("--num", num, config, "the samples")
     scheduler = None if FLAGS.scheduler_config is None else _scheduler_config()
     run.sample(config, FLAGS.workdir, out=out_path("sample"), num=num, seed=FLAGS.seed,
                sampler=FLAGS.sampler, steps=steps, label=FLAGS["class"].value,

@@ -28,6 +28,11 @@ flags.DEFINE_string("cache", None, "sample and eval: a feature cache, NAME[:KEY=
                     "no cache); see jaxdiff.accel.cache.")
 flags.DEFINE_string("quantized", None, "sample and eval: a quantized network of this run "
                     "(the directory jaxdiff quantize wrote), sampled instead of the EMA params.")
+flags.DEFINE_string("steer", None, "sample: steer the sampler by --reward, NAME[:KEY=VALUE,...]: "
+                    "smc:particles=8 (Feynman-Kac SMC), best_of_n:n=8 or "
+                    "search:rounds=2,candidates=3 (noise search); see jaxdiff/cli/steer.py.")
+flags.DEFINE_string("reward", None, "sample: the reward of --steer (alone: only scores the "
+                    "samples): classifier:digit=D (the built-in digits classifier).")
 flags.DEFINE_string("steps", None, "sample/eval: number of sampler steps (default: the "
                     "config's); eval sweep: a list, e.g. 5,10,20,50.")
 flags.DEFINE_integer("num", None, f"sample: number of samples (default {NUM['sample']}); eval: "
@@ -203,6 +208,9 @@ def subcommand(command, rest):
 
 def check_flags(command):
     """The flags' formats and the paths to write, before anything heavy is imported."""
+    from jaxdiff.cli import steer  # its specs: plain Python
+
+    steer.check_flags(FLAGS, command)
     if command != "train" and command != "plot":
         _check_sampling_flags(command)
     elif FLAGS.cache is not None:

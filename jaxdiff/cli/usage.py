@@ -17,6 +17,8 @@ commands:
               (distill --help); sample and eval read the student's --workdir
   quantize    post-training quantization of a trained run into a quantized checkpoint
               (w8a8, w4a8, fp8, ...; quantize --help); sample and eval take it: --quantized
+  solve       an inverse problem (inpainting, super-resolution, deblurring, ...) with a
+              trained run as the prior: dps, pigdm, ddnm, reddiff, dds (solve --help)
 
 example:
   jaxdiff train --config configs/toy2d.py --workdir runs/toy2d
@@ -62,9 +64,15 @@ flags:
                            (default: the config's sampler.cache; none: no cache)
   --quantized DIR          sample a quantized network of this run (jaxdiff quantize's DIR)
                            instead of the EMA params
+  --steer SPEC             steer toward --reward: smc:particles=8[,lam=1.0] (Feynman-Kac SMC;
+                           default sampler: the run's if stochastic, else euler_ancestral),
+                           best_of_n:n=8, search:rounds=2,candidates=3; --num samples returned
+  --reward SPEC            classifier:digit=D (digits runs); alone it only scores the samples;
+                           sampled unconditionally unless --class K
 
 example:
-  jaxdiff sample --workdir runs/digits --sampler dpmpp_2m --steps 20 --num 64 --out grid.png""",
+  jaxdiff sample --workdir runs/digits --sampler dpmpp_2m --steps 20 --num 64 --out grid.png
+  jaxdiff sample --workdir runs/digits --steer smc:particles=8 --reward classifier:digit=3""",
     "eval": """\
 usage: jaxdiff eval --workdir DIR [flags]      (jaxdiff eval sweep --help: the sweep)
 

@@ -50,13 +50,13 @@ def to_8x8(images):
 
 @functools.lru_cache(maxsize=4)
 def load(path=WEIGHTS):
-    """The shipped network: (params as jnp arrays, metadata dict with `test_accuracy`)."""
+    """The shipped network: (params as numpy arrays, metadata dict with `test_accuracy`)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"digits feature weights {path} are missing; recreate them with "
                                 "python -m jaxdiff.eval.train_digits")
     with np.load(path) as z:
         names = [k for k in z.files if k[0] in "wb" and k[1:].isdigit()]
-        params = {k: jnp.asarray(z[k]) for k in names}
+        params = {k: np.asarray(z[k]) for k in names}  # numpy: safe to cache inside a trace
         meta = {k: z[k].item() for k in z.files if k not in names}
     return params, meta
 

@@ -309,4 +309,27 @@ class REDDiff:
 
 SOLVERS = {"dps": DPS, "pigdm": PiGDM, "ddnm": DDNM, "reddiff": REDDiff, "dds": DDS}
 
-__all__ = ["DPS", "PiGDM", "DDNM", "DDS", "REDDiff", "SOLVERS", "conjugate_gradient"]
+
+def solve(model_fn, y, operator, *, solver, process, prediction, steps, key, schedule=None,
+          guidance=None, **options):
+    """Restorations (B, *x_shape) of measurements y (B, *y_shape) = A(x0) + noise, drawn by
+    `solver` (a name in `SOLVERS`) with its `options` through `jaxdiff.sample` (model_fn,
+    process, prediction, steps, schedule, guidance as there). The initial noise is drawn from
+    fold_in(key, 0), the solver's noise from fold_in(key, 1)."""
+    from jaxdiff.sampling import sample
+
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is unknown; allowed: {', '.join(SOLVERS)}")
+    y = jnp.asarray(y)
+    if y.ndim < 2:
+        raise ValueError(f"y has shape {y.shape}; allowed: a batch (B, ...) of measurements")
+    shape = tuple(operator.input_shape(y.shape[1:]))
+    operator.check(shape, y)
+    noise = jax.random.normal(jax.random.fold_in(key, 0), (y.shape[0], *shape),
+                              jnp.result_type(float))
+    return sample(model_fn, noise, process=process, prediction=prediction,
+                  sampler=SOLVERS[solver](operator, y, **options), steps=steps,
+                  schedule=schedule, key=jax.random.fold_in(key, 1), guidance=guidance)
+
+
+__all__ = ["DPS", "PiGDM", "DDNM", "DDS", "REDDiff", "SOLVERS", "conjugate_gradient", "solve"]
