@@ -6,7 +6,7 @@ BASE := $(VENV)/.installed-base
 FULL := $(VENV)/.installed-test
 DEMO_DIR ?= runs/digits
 
-.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching bench-quantization bench-distillation clean
+.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching bench-quantization bench-distillation bench-inverse bench-steering clean
 
 $(BASE): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,18 @@ bench-quantization: testbed
 bench-distillation: testbed
 	$(BIN)/python benchmarks/distillation.py
 	$(BIN)/python benchmarks/distill_gmm.py
+
+# Inverse problems: every jaxdiff.inverse solver and SMC against the exact posterior of a
+# Gaussian mixture, then digit restoration (inpainting, x2 super-resolution, blur) on the 8x8
+# testbed UNet (benchmarks/out/inverse/, benchmarks/inverse*.png). ~1 h on 2 cores.
+bench-inverse: testbed
+	$(BIN)/python benchmarks/inverse.py
+
+# Inference-time steering of the testbed UNet towards a requested digit (best-of-N, noise search,
+# FK / SMC at equal NFE, judged by a separate classifier) and SMC on an exact reward-tilted
+# Gaussian mixture (benchmarks/out/steering/, benchmarks/steering.png). ~20 min on 2 cores.
+bench-steering: testbed
+	$(BIN)/python benchmarks/steering.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,7 +1,8 @@
-"""`jaxdiff` in the test process (`main`; `train_here`: a refused `jaxdiff train`, all of its
-stderr): no interpreter start and no imports, for the command lines that stop before training
-starts or only read a trained run; and faster XLA compiles for the test's subprocesses
-(`fast_compile`). Subprocess runs themselves: tests/_runs.py."""
+"""`jaxdiff` in the test process (`main`; `here`, `train_here`: a command line as a fresh
+process runs it, all of its stderr): no interpreter start and no imports, for the command lines
+that stop before training starts, only read a trained run, or train a tiny run; and faster XLA
+compiles for the test's subprocesses (`fast_compile`). Subprocess runs themselves:
+tests/_runs.py."""
 
 import contextlib
 import io
@@ -25,24 +26,28 @@ def main(*args):
     return code, [ln for ln in err.getvalue().splitlines() if ln.startswith("jaxdiff")]
 
 
-def train_here(capfd, *args):
-    """`jaxdiff train ARGS` in this process, for a train that is refused before it trains (one
-    line on stderr, exit status 1 or 2): (exit status, everything written to stderr, file
-    descriptor 2 included). Flags are reset before and after, as a fresh process has them, and
-    sys.argv is the command line and the checkout the working directory, as there
-    (ml_collections defines a flag for each --config.KEY override it finds in sys.argv; they go
-    after, as they would with the process)."""
+def here(capfd, *args):
+    """`jaxdiff ARGS` in this process, as a fresh `python -m jaxdiff.cli ARGS` would run it:
+    (exit status, everything written to stderr: file descriptor 2 included with pytest's
+    `capfd`, sys.stderr only with capfd=None, e.g. in a module fixture). Flags are reset
+    before and after, as a fresh process has them, and sys.argv is the command line and the
+    checkout the working directory, as there (ml_collections defines a flag for each
+    --config.KEY override it finds in sys.argv; they go after, as they would with the
+    process)."""
     import os
     import sys
 
     from jaxdiff.cli import FLAGS
     from jaxdiff.cli import main as jaxdiff_main
 
-    capfd.readouterr()
-    argv, sys.argv = sys.argv, ["jaxdiff", "train", *args]
+    err = io.StringIO()
+    if capfd is not None:
+        capfd.readouterr()
+    argv, sys.argv = sys.argv, ["jaxdiff", *args]
     FLAGS.unparse_flags()
     try:
-        with contextlib.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+        with contextlib.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), (
+                contextlib.redirect_stderr(err) if capfd is None else contextlib.nullcontext()):
             code = jaxdiff_main(list(sys.argv))
     except SystemExit as e:
         code = e.code
@@ -51,7 +56,13 @@ def train_here(capfd, *args):
         sys.argv = argv
         for name in [n for n in FLAGS if n.startswith("config.")]:
             delattr(FLAGS, name)
-    return code, capfd.readouterr().err
+    return code, err.getvalue() if capfd is None else capfd.readouterr().err
+
+
+def train_here(capfd, *args):
+    """`jaxdiff train ARGS` in this process (`here`), e.g. for a train that is refused before it
+    trains (one line on stderr, exit status 1 or 2)."""
+    return here(capfd, "train", *args)
 
 
 # XLA:CPU compiles these tests' programs about 4x faster without LLVM's optimisation passes

@@ -160,19 +160,20 @@ def test_config_cache_passes_and_may_be_missing():
     check_config(config)
 
 
-def test_train_takes_the_cache_from_the_command_line(tmp_path):
+def test_train_takes_the_cache_from_the_command_line(tmp_path, capfd):
     """--config.sampler.cache=... overrides the config's placeholder (a None field could not be
     overridden); the cache is checked with the rest of the config, before anything is written.
-    A subprocess: absl parses the --config.* overrides only in a fresh process."""
-    from tests._runs import cli
+    `train_here` (tests/_cli.py): absl parses the --config.* overrides it finds in sys.argv,
+    which it sets as a fresh process has it."""
+    from tests._cli import train_here
 
     workdir = tmp_path / "run"
-    out = cli(dict(os.environ, JAX_PLATFORMS="cpu"), "train", "--config=configs/digits.py",
-              f"--workdir={workdir}", "--config.sampler.cache=fbcache", timeout=120)
-    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("jaxdiff")]
-    assert out.returncode == 1 and errors == [
+    code, err = train_here(capfd, "--config=configs/digits.py", f"--workdir={workdir}",
+                           "--config.sampler.cache=fbcache")
+    errors = [ln for ln in err.splitlines() if ln.startswith("jaxdiff")]
+    assert code == 1 and errors == [
         "jaxdiff train: error: sampler.cache='fbcache': cache 'fbcache' is for a DiT, got a UNet; "
-        "allowed for it: deepcache"], out.stderr[-2000:]
+        "allowed for it: deepcache"], err[-2000:]
     assert not workdir.exists()
 
 

@@ -1,6 +1,8 @@
 """Every `jaxdiff` failure is one line: each bad invocation below exits non-zero with exactly one
 line on stderr that names the offending value (no traceback), and creates or changes nothing
-in the sandbox or in the trained run it points at."""
+in the sandbox or in the trained run it points at. The invocations run in this process
+(tests/_cli.py `here`: the entry point's `main`, sys.argv and working directory as a fresh
+process has them, all of stderr captured), but for SHELL, which runs `python -m jaxdiff.cli`."""
 
 import hashlib
 import os
@@ -9,6 +11,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests._cli import here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -36,10 +40,11 @@ def _cli(*args):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One tiny trained toy run (unconditional), shared by the rows that read a run."""
+    """One tiny trained toy run (unconditional), shared by the rows that read a run; trained in
+    this process."""
     workdir = tmp_path_factory.mktemp("clierr") / "run"
-    out = _cli("train", *TINY, f"--workdir={workdir}")
-    assert out.returncode == 0, out.stderr[-2000:]
+    code, err = here(None, "train", *TINY, f"--workdir={workdir}")
+    assert code in (0, None), err[-2000:]
     return str(workdir)
 
 
@@ -120,30 +125,38 @@ CASES = [
 ]
 
 
+SHELL = {"train-batch-too-large"}  # a fresh `python -m jaxdiff.cli`: the real entry point
+
+
 @pytest.mark.parametrize("args,expected", CASES)
-def test_failure_is_one_line_and_changes_nothing(request, sandbox, args, expected):
+def test_failure_is_one_line_and_changes_nothing(request, capfd, sandbox, args, expected):
     where = {"S": sandbox}
     if any("{R}" in a for a in args):
         where["R"] = request.getfixturevalue("run")
     roots = list(where.values())
     before = _tree(*roots)
-    out = _cli(*[a.format(**where) for a in args])
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode != 0, out.stdout[-1000:]
-    assert len(lines) == 1 and expected.format(**where) in lines[0], out.stderr[-3000:]
+    argv = [a.format(**where) for a in args]
+    if request.node.callspec.id in SHELL:
+        out = _cli(*argv)
+        code, err = out.returncode, out.stderr
+    else:
+        code, err = here(capfd, *argv)
+    lines = err.strip().splitlines()
+    assert code not in (0, None), err[-1000:]
+    assert len(lines) == 1 and expected.format(**where) in lines[0], err[-3000:]
     assert lines[0].startswith("jaxdiff"), lines
     assert _tree(*roots) == before, "a failed command created or changed files"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only directories")
-def test_out_in_read_only_directory(run, tmp_path):
+def test_out_in_read_only_directory(run, tmp_path, capfd):
     tmp_path.chmod(0o555)
     try:
-        out = _cli("sample", f"--workdir={run}", f"--out={tmp_path}/grid.png")
+        code, err = here(capfd, "sample", f"--workdir={run}", f"--out={tmp_path}/grid.png")
     finally:
         tmp_path.chmod(0o755)
-    assert out.returncode != 0 and f"the directory {tmp_path} is not writable" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)
+    assert code not in (0, None) and f"the directory {tmp_path} is not writable" in err
+    assert len(err.strip().splitlines()) == 1 and not os.listdir(tmp_path)
 
 
 def test_unwritable_directory_is_refused(monkeypatch, tmp_path):

@@ -106,6 +106,9 @@ class _Operator:
         return getattr(self, method)(y, *args)
 
     def _check_sigma(self):
+        for f in ("mask", "kernel", "matrix"):  # a list would be a pytree leaf per number
+            if isinstance(getattr(self, f, None), (list, tuple)):
+                object.__setattr__(self, f, np.asarray(getattr(self, f), np.float32))
         # Named by class: `name` may not be computable on a pytree rebuilt around placeholders.
         check_values(type(self).__name__, "sigma_y >= 0", lambda s: s >= 0, sigma_y=self.sigma_y)
 
@@ -119,11 +122,11 @@ class Inpaint(_Operator):
     sigma_y: float = 0.0
 
     def __post_init__(self):
+        self._check_sigma()
         m = self.mask  # numpy masks are checked here; traced or jax ones cannot always be
         if isinstance(m, np.ndarray) and not np.all((m == 0) | (m == 1)):
             raise ValueError(f"Inpaint mask has the value {float(m[(m != 0) & (m != 1)].flat[0])}; "
                              "allowed: 0 (missing) or 1 (observed)")
-        self._check_sigma()
 
     name = "inpaint"
 
