@@ -23,8 +23,9 @@ def gmm_figure(out, floor, path):
     for name, pts in series.items():
         pts = sorted(pts)
         ax.plot(*zip(*pts), "o-" if name.startswith("smc") else ".-", label=name)
-    ax.axhline(floor, color="k", ls="--", lw=1, label="noise floor")
-    ax.axhline(2 * floor, color="gray", ls=":", lw=1, label="2x floor")
+    ax.axhline(floor["mean"], color="k", ls="--", lw=1, label="noise floor (mean)")
+    ax.axhspan(floor["min"], floor["max"], color="gray", alpha=0.15, label="exact draws' range")
+    ax.axhline(2 * floor["mean"], color="gray", ls=":", lw=1, label="2x floor")
     ax.set(xscale="log", yscale="log", xlabel="NFE per sample",
            ylabel="sliced W2 to the exact posterior")
     ax.set_title("SMC: k = 1..256 particles at 100 steps of its base sampler", fontsize=9)

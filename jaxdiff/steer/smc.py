@@ -138,7 +138,9 @@ class FK:
       `jax.tree_util.Partial`: pass a verifier's params as its arguments).
     particles: k particles per group; groups: requested samples (noise batch groups * k).
     lam: the tilt's inverse temperature; potential: "diff", "max" or "sum".
-    ess_threshold: resample a group when its ESS < ess_threshold * k (1: every step, 0: never).
+    ess_threshold: resample a group when its ESS < ess_threshold * k (1: every step unless the
+      weights are equal, 0: never). The ESS is at least 1, so a group of k <= 1 / ess_threshold
+      particles (2 at the default 0.5) never resamples: only its final weights act.
     resampling: "systematic" or "multinomial"; key: the resampling draws' PRNG key."""
 
     reward: Callable
