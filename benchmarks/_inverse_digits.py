@@ -141,7 +141,8 @@ def figure(out, rows, path):
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 4.2))
     for ax, task in zip(np.atleast_1d(axes), tasks):
         picks = [("truth", x[:SHOWN])] + [
-            (name if s == 0 else f"{name.split(' ')[0]} {s}", np.asarray(r["shown"]))
+            (name if s == 0 or name.startswith("mean of") else f"{name.split(' ')[0]} {s}",
+             np.asarray(r["shown"]))
             for t, sy, name, s, r in out
             if t == task and sy == 0 and (s in (0, top) or name.startswith("mean of"))]
         grid = np.concatenate([np.concatenate(list(im[..., 0]), 1) for _, im in picks], 0)
