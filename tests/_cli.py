@@ -6,6 +6,7 @@ tests/_runs.py."""
 
 import contextlib
 import io
+import logging
 
 
 def main(*args):
@@ -26,25 +27,28 @@ def main(*args):
     return code, [ln for ln in err.getvalue().splitlines() if ln.startswith("jaxdiff")]
 
 
-def here(capfd, *args):
+def here(capfd, *args, stdout=False):
     """`jaxdiff ARGS` in this process, as a fresh `python -m jaxdiff.cli ARGS` would run it:
     (exit status, everything written to stderr: file descriptor 2 included with pytest's
-    `capfd`, sys.stderr only with capfd=None, e.g. in a module fixture). Flags are reset
+    `capfd`, sys.stderr only with capfd=None, e.g. in a module fixture; with stdout=True and
+    capfd, also what it wrote to stdout: (status, stderr, stdout)). Flags are reset
     before and after, as a fresh process has them, and sys.argv is the command line and the
     checkout the working directory, as there (ml_collections defines a flag for each
     --config.KEY override it finds in sys.argv; they go after, as they would with the
-    process)."""
+    process). What the command logs at WARNING and above, which a fresh process prints on
+    stderr (pytest's log capture takes it here), is added to stderr, a line a record."""
     import os
     import sys
 
     from jaxdiff.cli import FLAGS
     from jaxdiff.cli import main as jaxdiff_main
 
-    err = io.StringIO()
+    err, logged = io.StringIO(), _Logged()
     if capfd is not None:
         capfd.readouterr()
     argv, sys.argv = sys.argv, ["jaxdiff", *args]
     FLAGS.unparse_flags()
+    logging.getLogger().addHandler(logged)
     try:
         with contextlib.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), (
                 contextlib.redirect_stderr(err) if capfd is None else contextlib.nullcontext()):
@@ -52,11 +56,29 @@ def here(capfd, *args):
     except SystemExit as e:
         code = e.code
     finally:
+        logging.getLogger().removeHandler(logged)
         FLAGS.unparse_flags()
         sys.argv = argv
         for name in [n for n in FLAGS if n.startswith("config.")]:
             delattr(FLAGS, name)
-    return code, err.getvalue() if capfd is None else capfd.readouterr().err
+    if capfd is None:
+        return code, err.getvalue() + logged.text()
+    out = capfd.readouterr()
+    return (code, out.err + logged.text(), out.out) if stdout else (code, out.err + logged.text())
+
+
+class _Logged(logging.Handler):
+    """The log records of WARNING and above, as lines (`here`)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+    def text(self):
+        return "".join(f"{line}\n" for line in self.lines)
 
 
 def train_here(capfd, *args):

@@ -1,6 +1,7 @@
-"""Helpers shared by the tests that run `jaxdiff` in subprocesses and damage, kill or poison its
-runs (test_checkpoint, test_preemption, test_nonfinite, test_oom, test_rundir). The `cli_env`
-fixture (tests/conftest.py) gives those subprocesses one compilation cache per test module."""
+"""Helpers shared by the tests that run `jaxdiff` in subprocesses (or, where nothing is killed, in
+this process: tests/_cli.py `here`, `nan_at`) and damage, kill or poison its runs
+(test_checkpoint, test_preemption, test_nonfinite, test_oom, test_rundir). The `cli_env` fixture
+(tests/conftest.py) gives those subprocesses one compilation cache per test module."""
 
 import json
 import os
@@ -33,7 +34,7 @@ TOY = ["--config=configs/toy2d.py", "--config.model.width=16", "--config.model.d
        "--config.train.sample_every=0", "--config.train.num_samples=16",
        "--config.sampler.steps=2"]
 # `python -c INJECT.format(at=k, extra=...)`: the CLI with batch x := NaN at step k (0: never),
-# after running `extra` (e.g. a further monkeypatch)
+# after running `extra` (e.g. a further monkeypatch); `nan_at` below does it in this process
 INJECT = """import sys
 import jax.numpy as jnp
 from jaxdiff import train
@@ -46,6 +47,18 @@ train.make_train_step = make_bad
 from jaxdiff.cli import main
 sys.exit(main(["jaxdiff"] + sys.argv[1:]))
 """
+
+
+def nan_at(monkeypatch, at):
+    """INJECT in this process, for `jaxdiff train` run here (tests/_cli.py `here`): the CLI's
+    train step with batch x := NaN at step `at` (1-based), through pytest's `monkeypatch`."""
+    make = train.make_train_step
+
+    def make_bad(*args, **kwargs):
+        step = make(*args, **kwargs)
+        return lambda s, b: step(s, dict(b, x=jnp.where(s.step + 1 == at, jnp.nan, b["x"])))
+
+    monkeypatch.setattr(train, "make_train_step", make_bad)
 
 
 def state(step, n=64):

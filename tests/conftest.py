@@ -12,6 +12,21 @@ if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. XLA:CPU maps the code of every
+    executable it keeps into the process; after ~1500 tests in one process the mappings passed
+    the kernel's vm.max_map_count (65530) and the next compile died in a segfault. Clearing per
+    module keeps the count near one module's worth (~3-6k) and frees their memory."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory):
     """Environment for `jaxdiff` subprocesses: one persistent compilation cache per test module

@@ -128,11 +128,13 @@ def test_help_is_the_commands_usage(capsys):
 def test_guided_student_takes_w_and_starts_as_the_conditional_teacher(digits_run, tmp_path):
     config, params, _ = _student(digits_run, "guided", teacher_steps=2, student_steps=1)
     # a 2-step run is still nearly its zero-initialised output layer: perturb every weight so
-    # that gradients reach the w embedding
+    # that gradients reach the w embedding (one draw cut into the leaves: one small program, not
+    # one per leaf shape)
     leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    params = jax.tree.unflatten(tree, [np.asarray(p + 0.05 * jax.random.normal(k, p.shape))
-                                       for p, k in zip(leaves, keys)])
+    ends = np.cumsum([p.size for p in leaves])
+    noise = np.asarray(jax.random.normal(jax.random.key(0), (int(ends[-1]),)))
+    params = jax.tree.unflatten(tree, [np.asarray(p) + 0.05 * noise[e - p.size:e].reshape(p.shape)
+                                       for p, e in zip(leaves, ends)])
     record = teacher_record(str(digits_run), 2, params)
     config.train.steps = 2  # the learning rate is 0 at step 0 (warmup)
     student = run.distill(config, str(tmp_path / "g"), teacher_params=params, record=record,

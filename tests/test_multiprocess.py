@@ -75,21 +75,6 @@ def reference(tmp_path_factory, cli_env):
     return at
 
 
-def test_two_processes_equal_one_and_checkpoints_move_between_them(tmp_path, cli_env, reference):
-    two = tmp_path / "two"
-    # 2 processes x 2 devices (the layout of the tests below, which then find its programs in
-    # the compilation cache)
-    _run(cli_env, 2, 2, two, steps=6)
-    s2, p2 = _params(two)
-    assert s2 == 6 and _close(reference(6), p2), "2 x 2 devices differs from 1 x 4"
-    lines = open(two / "metrics.jsonl").read().splitlines()
-    assert len(lines) == 2, "only process 0 writes the logs"
-    # topology change: the 2-process checkpoint on 4 devices continues in 1 process on 8
-    _run(cli_env, 1, 8, two, steps=9)
-    s2, p2 = _params(two)
-    assert s2 == 9 and _close(reference(9), p2)
-
-
 FAKE_SRUN = """#!/usr/bin/env bash
 # Stands in for SLURM's srun: starts SLURM_NTASKS copies of the command with their ranks.
 while [[ $1 == -* ]]; do shift; done  # srun's own options
@@ -99,9 +84,9 @@ s=0; for p in "${pids[@]}"; do wait "$p" || s=$?; done; exit $s
 """
 
 
-def test_slurm_script_runs_two_tasks_that_join(tmp_path, cli_env, reference):
-    """launch/slurm.sbatch under stand-ins for srun and scontrol: the coordinator is the job's
-    first node, the ranks come from SLURM's environment, and the two tasks train together."""
+def _slurm(tmp_path, cli_env, workdir, steps):
+    """launch/slurm.sbatch under stand-ins for srun and scontrol (2 tasks x 2 devices): the
+    coordinator is the job's first node, the ranks come from SLURM's environment."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN)
@@ -112,15 +97,14 @@ def test_slurm_script_runs_two_tasks_that_join(tmp_path, cli_env, reference):
                             PYTHON=sys.executable, SLURM_JOB_NODELIST="localhost,node-b",
                             SLURM_NTASKS="2", SLURM_NNODES="2", SLURM_JOB_ID=str(os.getpid()),
                             XLA_FLAGS="--xla_force_host_platform_device_count=2"))
-    out = subprocess.run(["bash", "launch/slurm.sbatch", *ARGS, "--config.train.steps=3",
-                          f"--workdir={tmp_path / 'run'}"],
+    out = subprocess.run(["bash", "launch/slurm.sbatch", *ARGS, f"--config.train.steps={steps}",
+                          f"--workdir={workdir}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 node(s), coordinator localhost:" in out.stderr
-    step, params = _params(tmp_path / "run")
-    assert step == 3 and _close(reference(3), params)  # 2 tasks x 2 devices equal 1 x 4
     for rank in (0, 1):
         assert f"jaxdiff train: process {rank} of 2, 2 of 4 devices" in out.stderr
+    return out
 
 
 def test_launch_scripts_parse_and_tpu_script_targets_every_worker():
@@ -141,9 +125,14 @@ def test_launch_scripts_parse_and_tpu_script_targets_every_worker():
     assert bad.returncode == 2 and "allowed: create, install, train" in bad.stderr
 
 
-def test_sigterm_stops_every_process_at_one_step_and_resumes(tmp_path, cli_env, reference):
-    """A preemption notice reaching both processes: they agree on one step (JAX's preemption
-    service), save it together and exit 0; the resumed run equals an uninterrupted one."""
+def test_two_processes_stop_together_resume_and_move_between_topologies(tmp_path, cli_env,
+                                                                         reference):
+    """One run through every multi-process path: 2 processes x 2 devices (launch/local.sh)
+    train as one, only process 0 writing the logs; a preemption notice reaching both: they
+    agree on one step (JAX's preemption service), save it together and exit 0; the run resumed
+    by launch/slurm.sbatch (a requeued job, 2 tasks x 2 devices) equals one uninterrupted
+    process on 4 devices; and then its checkpoint continues in 1 process on 8 devices."""
+    import json
     import signal
     import time
 
@@ -165,9 +154,16 @@ def test_sigterm_stops_every_process_at_one_step_and_resumes(tmp_path, cli_env, 
     assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]
     step = int(stops[0])
     assert _params(run)[0] == step
-    # resume in 2 processes to the next multiple of 3 (a step the reference keeps), against
-    # the one process that never stopped
+    # resume to the next multiple of 3 (a step the reference keeps) in 2 processes started as
+    # launch/slurm.sbatch starts them (`_slurm`: the two tasks join and train together),
+    # against the one process that never stopped
     end = step + 3 - step % 3
-    _run(cli_env, 2, 2, run, steps=end)
+    _slurm(tmp_path, cli_env, run, steps=end)
     s2, p2 = _params(run)
-    assert s2 == end and _close(reference(end), p2)
+    assert s2 == end and _close(reference(end), p2), "2 x 2 devices differs from 1 x 4"
+    rows = [json.loads(r)["step"] for r in metrics.read_text().splitlines()]
+    assert rows == [*range(1, step + 1), end], "only process 0 writes the logs, each step once"
+    # topology change: the 2-process checkpoint on 4 devices continues in 1 process on 8
+    _run(cli_env, 1, 8, run, steps=end + 3)
+    s2, p2 = _params(run)
+    assert s2 == end + 3 and _close(reference(end + 3), p2)

@@ -1,6 +1,7 @@
 """Non-finite steps (`jaxdiff.train.nonfinite`): the skip guard keeps the state, `check_finite`
 is one line in the library's words, and end to end a NaN stops `jaxdiff train` with one line
-naming the flags (or, with train.skip_nonfinite, the run finishes)."""
+naming the flags (or, with train.skip_nonfinite, the run finishes): `jaxdiff train` in this
+process (tests/_cli.py `here`), its train step poisoned by tests/_runs.py `nan_at`."""
 
 import json
 
@@ -12,7 +13,8 @@ import pytest
 
 from jaxdiff.train import nonfinite
 from jaxdiff.train.checkpoint import Checkpointer
-from tests._runs import DESC, INJECT, TOY, cli, final, read_all, state
+from tests._cli import here
+from tests._runs import DESC, TOY, final, nan_at, read_all, state
 
 
 def _toy_step(tx):
@@ -64,27 +66,29 @@ def test_check_finite_names_step_and_last_good_checkpoint(tmp_path):
         nonfinite.check_finite({"loss": np.nan, "lr": np.nan, "skipped": 1.0}, 9)
 
 
-def test_nonfinite_loss_stops_with_one_line_and_keeps_checkpoints(cli_env, tmp_path):
-    args = ["train", *TOY, "--config.train.steps=8", "--config.train.ckpt_every=2",
-            "--config.train.log_every=5", f"--workdir={tmp_path}"]
-    out = cli(cli_env, *args, code=INJECT.format(at=4, extra=""))
-    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    lines = [ln for ln in out.stderr.splitlines() if "error:" in ln]
+def test_nonfinite_loss_stops_with_one_line_and_keeps_checkpoints(capfd, monkeypatch,
+                                                                   tmp_path):
+    nan_at(monkeypatch, 4)
+    code, err = here(capfd, "train", *TOY, "--config.train.steps=8",
+                     "--config.train.ckpt_every=2", "--config.train.log_every=5",
+                     f"--workdir={tmp_path}")
+    assert code == 1 and "Traceback" not in err, err[-2000:]
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
     assert lines == [  # the CLI puts its flags in for the library's words
         f"jaxdiff train: error: non-finite loss, grad_norm at step 4; the last good checkpoint "
         f"is step 2 in {tmp_path / 'checkpoints'} (untouched); lower --config.optim.lr in a "
         f"fresh --workdir holding a copy of {tmp_path / 'checkpoints'}, or set "
-        "--config.train.skip_nonfinite=True to skip such updates"], out.stderr[-2000:]
+        "--config.train.skip_nonfinite=True to skip such updates"], err[-2000:]
     saved = read_all(tmp_path)  # step 4 (NaN params) was never written
     assert list(saved) == [2] and all(np.isfinite(x).all() for x in jax.tree.leaves(saved[2]))
 
 
-def test_skip_nonfinite_finishes_the_run(cli_env, tmp_path):
-    args = ["train", *TOY, "--config.train.steps=6", "--config.train.ckpt_every=3",
-            "--config.train.log_every=1", "--config.train.skip_nonfinite=True",
-            f"--workdir={tmp_path}"]
-    out = cli(cli_env, *args, code=INJECT.format(at=4, extra=""))
-    assert out.returncode == 0, out.stderr[-2000:]
+def test_skip_nonfinite_finishes_the_run(capfd, monkeypatch, tmp_path):
+    nan_at(monkeypatch, 4)
+    code, err = here(capfd, "train", *TOY, "--config.train.steps=6",
+                     "--config.train.ckpt_every=3", "--config.train.log_every=1",
+                     "--config.train.skip_nonfinite=True", f"--workdir={tmp_path}")
+    assert code == 0, err[-2000:]
     rows = {r["step"]: r for r in map(json.loads, open(tmp_path / "metrics.jsonl"))}
     assert [rows[s]["skipped"] for s in range(1, 7)] == [0, 0, 0, 1, 0, 0]
     assert np.isnan(rows[4]["loss"]) and np.isfinite(rows[5]["loss"])

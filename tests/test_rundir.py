@@ -15,8 +15,9 @@ import pytest
 
 from jaxdiff.train import rundir
 from jaxdiff.train.checkpoint import Checkpointer
+from tests._cli import here
 from tests._cli import train_here as _train_here
-from tests._runs import INJECT, ROOT, TOY, cli, kill, logged_once, start, steps
+from tests._runs import ROOT, TOY, cli, kill, logged_once, nan_at, start, steps
 
 # HOLD and TRY load jaxdiff/train/rundir.py alone (it imports only the standard library, and
 # jax in lock()): the same lock code without importing all of jaxdiff in each process
@@ -128,11 +129,12 @@ def test_refused_train_changes_no_file(capfd, finished, args, message):
     assert _hashes(workdir) == before
 
 
-def test_refused_runs_leave_it_sampleable(cli_env, finished, tmp_path):
-    """After the refused runs above (each left every file as it was) the run samples its step 4."""
-    sample = cli(cli_env, "sample", f"--workdir={finished}", "--num=4", "--steps=2",
-                 f"--out={tmp_path / 'sample.png'}")
-    assert sample.returncode == 0 and "step 4" in sample.stdout, sample.stderr[-2000:]
+def test_refused_runs_leave_it_sampleable(capfd, finished, tmp_path):
+    """After the refused runs above (each left every file as it was) the run samples its step 4
+    (in this process: sample only reads the run)."""
+    code, err, out = here(capfd, "sample", f"--workdir={finished}", "--num=4", "--steps=2",
+                          f"--out={tmp_path / 'sample.png'}", stdout=True)
+    assert code == 0 and "step 4" in out, err[-2000:]
 
 
 def test_second_trainer_is_refused_and_the_first_goes_on(capfd, cli_env, tmp_path):
@@ -166,13 +168,16 @@ def test_second_trainer_is_refused_and_the_first_goes_on(capfd, cli_env, tmp_pat
     assert rows == sorted(set(rows)), "one writer: each step once"
 
 
-def test_resumed_run_logs_each_step_once(cli_env, tmp_path):
-    """Stopped at step 7 (a NaN) after logging steps 5 and 6 past checkpoint 4; the resumed run
-    logs 5..10 again, and metrics.jsonl and TensorBoard hold each step once."""
+def test_resumed_run_logs_each_step_once(capfd, monkeypatch, cli_env, tmp_path):
+    """Stopped at step 7 (a NaN; in this process, tests/_runs.py `nan_at`) after logging steps
+    5 and 6 past checkpoint 4; the resumed run (a fresh process) logs 5..10 again, and
+    metrics.jsonl and TensorBoard hold each step once."""
     args = ["train", *TOY, "--config.train.steps=10", "--config.train.ckpt_every=4",
             "--config.train.log_every=1", f"--workdir={tmp_path}"]
-    out = cli(cli_env, *args, code=INJECT.format(at=7, extra=""))
-    assert out.returncode == 1 and "non-finite loss" in out.stderr, out.stderr[-2000:]
+    with monkeypatch.context() as patch:
+        nan_at(patch, 7)
+        code, err = here(capfd, *args)
+    assert code == 1 and "non-finite loss" in err, err[-2000:]
     assert steps(tmp_path) == [4] and len(open(tmp_path / "metrics.jsonl").readlines()) == 6
     time.sleep(1)  # the resumed segment's event file sorts after the first
     out = cli(cli_env, *args)
