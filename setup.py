@@ -25,6 +25,8 @@ setup(
         "pillow>=10.0",
         "matplotlib>=3.8",  # eval sweep / plot figures
         "qwix==0.1.8",  # post-training quantization (jaxdiff.accel.quant, jaxdiff quantize)
+        "safetensors>=0.4",  # diffusers/transformers model folders (jaxdiff.interop.folders)
+        "tokenizers>=0.20",  # their tokenizer files (CLIP BPE), for text-to-image pipelines
     ],
     package_data={"jaxdiff.eval": ["digits_features.npz"]},
     entry_points={"console_scripts": ["jaxdiff=jaxdiff.cli:main"]},
@@ -35,7 +37,7 @@ setup(
         # CPU build available on the project machines; any other spec pulls CUDA packages.
         # torchsde, torchdiffeq, tqdm: what k-diffusion's sampling module imports (k-diffusion
         # itself is installed without its heavy dependencies by the Makefile's test target).
-        "parity": ["torch==2.13.0", "diffusers>=0.35", "torchsde==0.2.6", "torchdiffeq==0.2.5",
+        "parity": ["torch==2.13.0", "diffusers>=0.35", "transformers>=5.0", "torchsde==0.2.6", "torchdiffeq==0.2.5",
                    "tqdm>=4.60"],
     },
 )
