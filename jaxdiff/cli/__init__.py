@@ -26,6 +26,8 @@
                    [--steps 100] [--sigma_y 0.05] [--class 3] [--out DIR]
                    (an inverse problem with the run as prior, jaxdiff.inverse; cli/solve.py;
                    default DIR: runs/digits/solve/<task>-<solver>)
+    jaxdiff generate --model PATH --prompt "..." [--steps 25] [--guidance 7.5] [--out img.png]
+                   (a pretrained diffusers pipeline folder, jaxdiff.pipelines; cli/generate.py)
     jaxdiff plot   --workdir runs/digits [--out curves.png]
     jaxdiff help [COMMAND], jaxdiff COMMAND --help: that command's usage (usage.py); --helpfull
                    adds every flag
@@ -80,6 +82,9 @@ def main(argv=None):
     if argv[1:2] == ["solve"]:  # its own argparse flags (cli/solve.py)
         from jaxdiff.cli import solve
         return solve.main(argv[2:])
+    if argv[1:2] == ["generate"]:  # its own argparse flags (cli/generate.py)
+        from jaxdiff.cli import generate
+        return generate.main(argv[2:])
     shown = _help(argv[1:])
     if shown is not None:
         return shown

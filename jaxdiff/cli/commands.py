@@ -21,6 +21,7 @@ from jaxdiff.eval import images, quality
 from jaxdiff.train import parallel, rundir
 from jaxdiff.train.checkpoint import Checkpointer, CheckpointError
 from jaxdiff.train.nonfinite import with_skip_nonfinite
+from jaxdiff.train.step import autoencoder_objective
 
 # Settings a resumed run may change: how long and how often (train.steps extends a run), how it
 # samples, evaluates and lays out devices, where the data lives, and how the network computes.
@@ -37,10 +38,17 @@ def train(config, workdir):
     is the global batch (all processes together), split evenly over processes and over the
     mesh's data×fsdp devices. Nothing in `workdir` changes until the config is checked whole,
     the workdir is locked (one trainer per workdir, `jaxdiff.train.rundir`) and the config fits the
-    checkpoint there (`_check_resume`); only then is config.json written, atomically."""
+    checkpoint there (`_check_resume`); only then is config.json written, atomically.
+
+    An autoencoder run (`build.is_autoencoder`) trains `autoencoder_objective`; its samples are
+    reconstructions of held-out images and its report their PSNR (`_autoencoder_report`). A
+    latent run (`data.latents`) trains on the autoencoder's latents (encoded on first use) and
+    its samples are decoded to images (`draw`)."""
     t_start = time.time()
     validate.check_config(config)
-    model, process, info = build.model(config), build.process(config), build.data_info(config)
+    autoencoder = build.is_autoencoder(config)
+    model, info = build.model(config), build.data_info(config)
+    process = None if autoencoder else build.process(config)
     mesh = build.mesh(config)
     with rundir.lock(workdir):
         data = build.dataset(config, config.train.seed)  # checks the batch against processes
@@ -61,6 +69,8 @@ def train(config, workdir):
             if step == c.steps:
                 _report(config, workdir, x, labels, step, t_start)
 
+        if autoencoder:
+            sample_fn = _reconstruction_fn(config, model, workdir, mesh, t_start)
         train_lib.train(state, _train_step(config, model, tx, lr_fn, process), data,
                         workdir=workdir, total_steps=c.steps, log_every=c.log_every,
                         ckpt_every=c.ckpt_every, keep=c.keep, sample_every=c.sample_every,
@@ -68,15 +78,92 @@ def train(config, workdir):
 
 
 def _train_step(config, model, tx, lr_fn, process):
-    objective = train_lib.diffusion_objective(model, process=process,
-                                              prediction=config.loss.prediction,
-                                              num_classes=classes(config),
-                                              p_uncond=config.loss.p_uncond,
-                                              loss_options=build.loss_options(config))
+    if build.is_autoencoder(config):
+        objective = autoencoder_objective(model, **build.autoencoder_loss(config))
+    else:
+        objective = train_lib.diffusion_objective(model, process=process,
+                                                  prediction=config.loss.prediction,
+                                                  num_classes=classes(config),
+                                                  p_uncond=config.loss.p_uncond,
+                                                  loss_options=build.loss_options(config))
     step = train_lib.make_train_step(objective, tx, lr_fn,
                                      ema_decays=tuple(config.optim.ema_decays))
     # train.skip_nonfinite is optional (validate.OPTIONAL): configs written before it lack it
     return with_skip_nonfinite(step) if config.train.get("skip_nonfinite") else step
+
+
+AUTOENCODER_COLS = 10  # reconstruction grids: rows of originals, each over its reconstructions
+
+
+def reconstruct(model, params, x, mesh=None):
+    """An autoencoder's reconstructions (decode of the posterior mode) of images `x` (numpy),
+    in batches, as numpy."""
+    from jaxdiff.data import latents as latents_lib
+
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    params = jax.device_put(params, parallel.replicated(mesh))
+    run = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    return latents_lib.in_batches(lambda b: run(params, b), x)
+
+
+def _reconstruction_fn(config, model, workdir, mesh, t_start):
+    """An autoencoder run's sample_fn: the first train.num_samples held-out ("test") images
+    and their reconstructions by the EMA params, as a grid (a row of originals above a row of
+    their reconstructions); at the last step the report (`_autoencoder_report`)."""
+    d, c = config.data, config.train
+    x_test, y_test = build.split_arrays(d.name, "test", d.data_dir)
+    fixed = x_test[:c.num_samples]
+
+    def sample_fn(state, step):
+        params = state.ema_params[0]
+        rec = np.clip(reconstruct(model, params, x_test if step == c.steps else fixed, mesh),
+                      -1.0, 1.0)
+        _save_samples(os.path.join(workdir, "samples", f"step_{step:07d}.png"),
+                      _pairs(fixed, rec[:len(fixed)], AUTOENCODER_COLS), cols=AUTOENCODER_COLS)
+        if step == c.steps:
+            _autoencoder_report(config, workdir, model, params, x_test, y_test, rec, step,
+                                t_start)
+
+    return sample_fn
+
+
+def _pairs(x, rec, cols):
+    """Rows of `cols` originals, each followed by the row of their reconstructions (a partial
+    last row padded with white)."""
+    rows = -(-len(x) // cols)
+    pad = rows * cols - len(x)
+    white = np.ones((pad,) + x.shape[1:], np.float32)
+    x, rec = (np.concatenate([a, white]).reshape((rows, cols) + x.shape[1:]) for a in (x, rec))
+    return np.stack([x, rec], axis=1).reshape((-1,) + x.shape[2:])
+
+
+def psnr(x, rec):
+    """(mse, psnr in dB) of reconstructions `rec` of images `x` in [-1, 1] (peak-to-peak 2):
+    psnr = 10 log10(2^2 / mse), the mse over every pixel of the set."""
+    mse = float(np.mean(np.square(np.asarray(rec, np.float64) - np.asarray(x, np.float64))))
+    return mse, float(10.0 * np.log10(4.0 / max(mse, 1e-20)))
+
+
+def _autoencoder_report(config, workdir, model, params, x, labels, rec, step, t_start):
+    """report.json of an autoencoder run: reconstruction mse and PSNR on the held-out split
+    (the posterior mode decoded, clipped to [-1, 1]), the latent shape, and where the dataset
+    has the built-in digits network, the FD of the reconstructions to the originals and the
+    digits classifier's agreement on them."""
+    mse, db = psnr(x, rec)
+    info = build.data_info(config)
+    report = {"step": step, "train_wall_s": round(time.time() - t_start, 1),
+              "split": "test", "num_images": len(x), "mse": mse, "psnr": db,
+              "latent_shape": list(build.latent_shape(config.model, info["shape"]))}
+    if quality.default_features(config.data.name) == "digits":
+        featurize = quality.feature_fn("digits")
+        report["fd_reconstruction"] = quality.sample_quality(rec, featurize(x), featurize,
+                                                             metrics=("fd",))["fd"]
+    agreement = quality.classifier_agreement_fn(config.data.name)
+    if agreement is not None:
+        report["classifier_agreement"] = agreement(rec, labels)[0]
+    write_json(os.path.join(workdir, "report.json"), report)
+    if jax.process_index() == 0:
+        print("report: " + json.dumps(report))
 
 
 def _check_resume(config, workdir, model, tx, info):
@@ -143,6 +230,9 @@ def draw_with_cost(config, model, process, params, *, num, seed, sampler=None, s
     {cache: its spec, calls, fulls, full_network_equivalents} (`jaxdiff.accel.cache.cache_cost`),
     also printed as one line on process 0.
 
+    A latent run's samples (`data.latents`) come back decoded by its autoencoder: images, not
+    latents.
+
     `quantized`: as for `draw`. `wrap(net, x, t, *args)` -> a `Stateful` network around the
     network `net` (x, t, args: an input as the network gets it, under CFG the 2N rows of
     [x; x]), e.g. `jaxdiff.accel.quant.record_calls`: sampling runs through it and its final
@@ -203,7 +293,10 @@ def draw_with_cost(config, model, process, params, *, num, seed, sampler=None, s
                         **cache_lib.cache_cost(state, flops))
             if jax.process_index() == 0:
                 print(f"cache {cache_lib.describe_cost(parsed, state, flops)}")
-    return parallel.gather(x)[:num], None if labels is None else labels[:num], cost
+    x = parallel.gather(x)[:num]
+    if config.data.get("latents"):  # a latent run: its samples decoded to images
+        x = build.decoder(config)(x)
+    return x, None if labels is None else labels[:num], cost
 
 
 def _cache_spec(config, cache):
@@ -240,7 +333,8 @@ def _labels(config, num, label, guidance, mesh):
 def restore(config, workdir, mesh):
     """(model, process, EMA params, step) of the latest checkpoint in `workdir`, restored
     straight into the layout of `mesh`."""
-    model, process = build.model(config), build.process(config)
+    model = build.model(config)
+    process = None if build.is_autoencoder(config) else build.process(config)
     tx, _ = build.optimizer(config)
     ckpt = Checkpointer(workdir)
     if ckpt.latest_step() is None:
@@ -356,7 +450,9 @@ def classes(config):
 
 def _report(config, workdir, x, labels, step, t_start):
     """report.json + a printed summary: time, and the classifier agreement of class-conditional
-    samples where the dataset has a built-in classifier (`quality.classifier_agreement_fn`)."""
+    samples where the dataset has a built-in classifier (`quality.classifier_agreement_fn`),
+    and their FD where it has the built-in digits features (`_fd`). A latent run's samples are
+    decoded images (`draw`); its report names the autoencoder run and step."""
     report = {"step": step, "train_wall_s": round(time.time() - t_start, 1),
               "num_samples": len(x), "sampler": config.sampler.name,
               "sampler_steps": config.sampler.steps, "guidance": config.sampler.guidance}
@@ -364,9 +460,40 @@ def _report(config, workdir, x, labels, step, t_start):
     if agreement is not None and labels is not None:
         acc, per_class = agreement(x, labels)
         report.update(classifier_agreement=acc, per_class=per_class)
+    report.update(_fd(config, x))
+    if config.data.get("latents"):
+        lat = build.latents(config, "train")
+        report["autoencoder"] = {"workdir": os.path.abspath(config.data.latents),
+                                 "step": int(lat["vae_step"]), "scale": float(lat["scale"]),
+                                 "shift": float(lat["shift"])}
     write_json(os.path.join(workdir, "report.json"), report)
     if jax.process_index() == 0:
         print("report: " + json.dumps(report))
+
+
+FD_REAL_DRAWS = 10  # draws of real training data behind a report's fd_real
+FD_REAL_POOL = 4  # ... from the first FD_REAL_POOL * num training examples
+
+
+def _fd(config, x):
+    """{fd, fd_split, fd_real, fd_real_std} of samples `x` (images) where the dataset has the
+    built-in digits features (else {}): FD_digits against the held-out "test" split, as
+    `jaxdiff eval` computes it, and `fd_real`, the FD of as many real training digits with the
+    samples' class balance (what an exact model scores at this count; `quality.real_fd`)."""
+    d = config.data
+    if quality.default_features(d.name) != "digits" or np.ndim(x) != 4:
+        return {}
+    featurize = quality.feature_fn("digits")
+    real, _ = quality.real_features(d.name, "test", featurize, data_dir=d.data_dir)
+    fd = quality.sample_quality(x, real, featurize, metrics=("fd",))["fd"]
+    num, K = len(x), classes(config)
+    pool, pool_y = quality.real_features(d.name, "train", featurize, num=FD_REAL_POOL * num,
+                                         data_dir=d.data_dir)
+    counts = np.bincount(np.arange(num) % K, minlength=K) if K else None
+    ref = quality.real_fd(pool, real, num=num, train_labels=pool_y, class_counts=counts,
+                          draws=FD_REAL_DRAWS, seed=0)
+    return {"fd": fd, "fd_split": "test", "fd_real": ref["fd_real"],
+            "fd_real_std": ref["fd_real_std"]}
 
 
 def write_json(path, obj):

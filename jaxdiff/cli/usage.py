@@ -19,6 +19,8 @@ commands:
               (w8a8, w4a8, fp8, ...; quantize --help); sample and eval take it: --quantized
   solve       an inverse problem (inpainting, super-resolution, deblurring, ...) with a
               trained run as the prior: dps, pigdm, ddnm, reddiff, dds (solve --help)
+  generate    images from a pretrained diffusers pipeline folder: Stable Diffusion 1.x/2.x,
+              SDXL, SD3, DiT (generate --help)
 
 example:
   jaxdiff train --config configs/toy2d.py --workdir runs/toy2d

@@ -6,6 +6,10 @@ e.g. `optim.lr=-0.001 must be a finite number > 0`. The checks are cheap: the mo
 with `jax.eval_shape` (no parameter is allocated) and sampling is traced up to the first network
 call. Checks that depend on the machine (mesh sizes against the devices, the batch against the
 processes) stay where the run builds its mesh and data.
+
+An autoencoder run (model.name='autoencoder_kl') has the sections AUTOENCODER_SECTIONS and the
+loss keys AUTOENCODER_LOSS; a latent run (data.latents) must name the workdir of a trained
+autoencoder run on images of the same shape (`_check_latents`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import os
 
 import jax
 import numpy as np
@@ -26,6 +31,7 @@ from jaxdiff.core.denoiser import PREDICTIONS
 from jaxdiff.core.guidance import CFG
 from jaxdiff.train import parallel
 from jaxdiff.train.loop import check_loop
+from jaxdiff.train.step import RECONSTRUCTIONS
 
 SECTIONS = ("model", "process", "loss", "sampler", "optim", "data", "train", "mesh", "distill",
             "teacher")
@@ -33,13 +39,17 @@ KEYS = {  # the sections with a fixed set of keys (model and process fields depe
     "loss": ("prediction", "weighting", "time_sampling", "p_uncond"),
     "sampler": ("name", "steps", "schedule", "guidance", "options", "cache"),
     "optim": ("lr", "warmup_steps", "schedule", "weight_decay", "grad_clip", "ema_decays"),
-    "data": ("name", "batch_size", "random_flip", "data_dir", "latent_shape"),
+    "data": ("name", "batch_size", "random_flip", "data_dir", "latent_shape", "latents"),
     "train": ("steps", "seed", "log_every", "ckpt_every", "keep", "sample_every", "num_samples",
               "skip_nonfinite"),
     "mesh": tuple(parallel.AXES),
 }
-OPTIONAL = {"data.latent_shape", "train.skip_nonfinite", "mesh.data", "mesh.fsdp", "mesh.tensor",
-            "sampler.cache", "distill", "teacher"}  # distill, teacher: a student (jaxdiff.distill)
+# distill, teacher: a student's (jaxdiff.distill); data.latents: a latent run's
+OPTIONAL = {"data.latent_shape", "data.latents", "train.skip_nonfinite", "mesh.data",
+            "mesh.fsdp", "mesh.tensor", "sampler.cache", "distill", "teacher"}
+# an autoencoder run (build.is_autoencoder): no process or sampler, its own loss keys
+AUTOENCODER_SECTIONS = ("model", "loss", "optim", "data", "train", "mesh")
+AUTOENCODER_LOSS = ("reconstruction", "kl_weight")
 LOOP_KEYS = {"total_steps": "train.steps", "log_every": "train.log_every",  # check_loop's names
              "ckpt_every": "train.ckpt_every", "keep": "train.keep",
              "sample_every": "train.sample_every"}
@@ -52,12 +62,17 @@ SHAPE_KEYS = ("preset", "channels", "channel_mult", "attn_resolutions", "norm_gr
 def check_config(config):
     """Raises ValueError (one line, naming the key, the bad value and what is allowed) for any
     setting that would fail or silently misbehave later in training or sampling."""
-    _check_structure(config)
+    autoencoder = _is_autoencoder(config)
+    _check_structure(config, autoencoder)
     _check_values(config)
     _check_loop(config)
     _check_optim(config)
     _check_mesh(config)
+    _check_latents(config, autoencoder)
     info = _check_data(config)
+    if autoencoder:
+        _check_autoencoder(config, info["shape"])
+        return
     process = _check_process(config)
     _check_classes(config, info)
     _check_sampler(config, process, info["shape"])
@@ -93,19 +108,33 @@ def _check_loop(config):
             raise ValueError(f"{e} (config: {key})") from None
 
 
-def _check_structure(config):
-    """Sections present and known; the fixed sections hold exactly their known keys."""
+def _is_autoencoder(config):
+    model = config.get("model")
+    return hasattr(model, "get") and model.get("name") == build.AUTOENCODER
+
+
+def _check_structure(config, autoencoder=False):
+    """Sections present and known; the fixed sections hold exactly their known keys (an
+    autoencoder run: AUTOENCODER_SECTIONS, its loss AUTOENCODER_LOSS)."""
     unknown = sorted(set(config) - set(SECTIONS))
     if unknown:
         raise ValueError(f"config section {unknown[0]!r} is unknown; allowed: "
                          f"{', '.join(SECTIONS)}")
-    for section in SECTIONS:
+    if autoencoder:
+        extra = [s for s in config if s not in AUTOENCODER_SECTIONS]
+        if extra:
+            raise ValueError(f"config section {extra[0]!r} does not apply to an autoencoder run "
+                             f"(model.name={build.AUTOENCODER!r}); its sections: "
+                             f"{', '.join(AUTOENCODER_SECTIONS)}")
+    sections = AUTOENCODER_SECTIONS if autoencoder else SECTIONS
+    for section in sections:
         if section not in config and section not in OPTIONAL:
             raise ValueError(f"config section {section!r} is missing")
-    for section in ("model", "process"):
+    for section in ("model",) if autoencoder else ("model", "process"):
         if "name" not in config[section]:
             raise ValueError(f"{section}.name is missing")
-    for section, keys in KEYS.items():
+    keys_of = dict(KEYS, loss=AUTOENCODER_LOSS) if autoencoder else KEYS
+    for section, keys in keys_of.items():
         if section not in config:
             continue
         unknown = sorted(set(config[section]) - set(keys))
@@ -144,6 +173,8 @@ RULES = {  # key: (test, what is allowed); a key missing from the config is not 
     "loss.weighting": _one_of(losses.WEIGHTINGS),
     "loss.time_sampling": _one_of(losses.TIME_SAMPLINGS),
     "loss.p_uncond": (lambda v: _number(v) and 0 <= v <= 1, "must be a probability in [0, 1]"),
+    "loss.reconstruction": _one_of(RECONSTRUCTIONS),  # an autoencoder run's
+    "loss.kl_weight": (lambda v: _number(v) and v >= 0, "must be a finite number >= 0"),
     "train.seed": (lambda v: _integer(v) and 0 <= v < 2**32, "must be an integer in [0, 2**32)"),
     "train.num_samples": (lambda v: _integer(v) and v >= 1, "must be an integer >= 1"),
     "train.skip_nonfinite": (lambda v: isinstance(v, bool), "must be True or False"),
@@ -222,6 +253,85 @@ def _check_data(config):
     except ValueError as e:
         raise ValueError(f"data.{_line(e)}") from None
     return dict(info, shape=shape)
+
+
+def _check_latents(config, autoencoder):
+    """data.latents (optional; None: train on the images): the workdir of a trained autoencoder
+    run whose images have data.name's shape, and whose latents file, if any, it encoded at its
+    latest checkpoint."""
+    d = config.data
+    vae = d.get("latents")
+    if vae is None:
+        return
+    if not isinstance(vae, str) or not vae:
+        raise ValueError(f"data.latents={vae!r} must be the --workdir of an autoencoder run "
+                         "(or None: train on the images)")
+    if autoencoder:
+        raise ValueError(f"data.latents={vae}: an autoencoder run trains on images; allowed: "
+                         "None")
+    vae_config = build.autoencoder_run(vae)
+    step = build.autoencoder_step(vae)
+    try:
+        shape = tuple(data_lib.info(d.name, data_dir=d.data_dir)["shape"])
+        vae_shape = tuple(data_lib.info(vae_config.data.name,
+                                        data_dir=vae_config.data.get("data_dir"))["shape"])
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"data.latents={vae} with data.name={d.name!r}: {_line(e)}") from None
+    if shape != vae_shape:
+        raise ValueError(f"data.latents={vae} encodes images of shape {vae_shape} "
+                         f"({vae_config.data.name!r}), not the {shape} of data.name={d.name!r}")
+    if d.random_flip:
+        raise ValueError(f"data.random_flip=True does not apply to latents (data.latents={vae}); "
+                         "allowed: False")
+    path = build.latents_path(config, "train")
+    if os.path.exists(path):
+        try:
+            with np.load(path) as f:
+                made = int(f["vae_step"])
+        except (OSError, ValueError, KeyError):
+            raise ValueError(f"data.latents={vae}: {path} is unreadable; delete it to encode "
+                             "the data anew") from None
+        if made != step:
+            raise ValueError(f"data.latents={vae}: its latents ({path}) were encoded at step "
+                             f"{made} of the autoencoder, which is now at step {step}; delete "
+                             f"{os.path.dirname(path)} to encode them anew")
+
+
+def _check_autoencoder(config, shape):
+    """An autoencoder run's model: built from its fields, for images (H, W, C) of C channels
+    whose sides its downsampling divides (so that it reconstructs their shape), its init
+    traced."""
+    m, name = config.model, config.data.name
+    if len(shape) != 3:
+        raise ValueError(f"model.name={m.name!r} takes images (H, W, C), but data.name={name!r} "
+                         f"has examples of shape {shape}")
+    try:
+        model = build.model(config)
+    except (ValueError, TypeError) as e:
+        line = _line(e)
+        raise ValueError(line if line.startswith("model.") else
+                         f"model (name={m.name!r}): {line}") from None
+    for key in ("in_channels", "out_channels"):
+        if getattr(model, key) != shape[-1]:
+            raise ValueError(f"model.{key}={getattr(model, key)!r} does not match the "
+                             f"{shape[-1]}-channel images of data.name={name!r}; allowed: "
+                             f"{shape[-1]}")
+    if "sample_size" in m and m.sample_size != shape[0]:
+        raise ValueError(f"model.sample_size={m.sample_size!r} does not match the {shape[0]}x"
+                         f"{shape[1]} images of data.name={name!r}; allowed: {shape[0]}")
+    side = 2 ** (len(model.block_out_channels) - 1)  # one 2x downsampling per level but the last
+    if shape[0] % side or shape[1] % side:
+        raise ValueError(f"model.block_out_channels={tuple(model.block_out_channels)!r}: "
+                         f"{len(model.block_out_channels)} levels downsample by {side}, which "
+                         f"does not divide the {shape[0]}x{shape[1]} images of data.name="
+                         f"{name!r}; allowed: fewer levels")
+    try:
+        tx, _ = build.optimizer(config)
+        train_lib.abstract_state(model, tx, x_shape=shape, num_classes=0, ema_decays=(0.0,))
+    except Exception as e:  # any failure here means: this model cannot take this data
+        raise ValueError(f"model.name={m.name!r} (block_out_channels="
+                         f"{tuple(m.get('block_out_channels', ()))!r}) cannot take data.name="
+                         f"{name!r} of shape {shape}: {_line(e)}") from None
 
 
 def _check_process(config):

@@ -189,8 +189,8 @@ def torch_perm(path, ndim):
 
 def flatten(params):
     """{path tuple: leaf} of a nested params dict (boxed logical-partitioning leaves unboxed)."""
-    from flax import traverse_util
     import flax.linen as nn
+    from flax import traverse_util
 
     return traverse_util.flatten_dict(nn.unbox(params))
 
@@ -317,7 +317,8 @@ def save_params(folder, params, config, *, rename: Rename | None = None, dtype=N
         value = np.asarray(jax.device_get(leaf))
         key, perm = _source(path, value.ndim, rename)
         value = value.transpose(np.argsort(perm))
-        tensors[key] = value.astype(dtype) if dtype is not None and _floating(value.dtype) else value
+        cast = dtype is not None and _floating(value.dtype)
+        tensors[key] = value.astype(dtype) if cast else value
     for key, value in (extra or {}).items():
         tensors[key] = np.asarray(value)
     folder = os.path.abspath(folder)

@@ -1,5 +1,11 @@
 """Networks: a DDPM++/ADM UNet (`unet.py`), DiT (Peebles & Xie 2023, `dit.py`) and a residual
-MLP for low-dimensional data (`mlp.py`).
+MLP for low-dimensional data (`mlp.py`), which `jaxdiff train` builds (`MODELS`).
+
+Pretrained-model families mirror their PyTorch modules' parameter names, so their weights load by
+name (`jaxdiff.interop`): `autoencoder_kl.AutoencoderKL` (latent diffusion's KL autoencoder,
+trainable here too), `unet_condition.UNet2DConditionModel` (Stable Diffusion 1.x/2.x/XL),
+`mmdit.MMDiT` (SD3), `clip.CLIPTextModel` / `CLIPTextModelWithProjection`, on the shared
+diffusers blocks of `diffusers_blocks.py`.
 
 Every model is a Flax linen module called as `model.apply(variables, x, t, y, train=...)` with
 x (B, H, W, C) NHWC, t the process's conditioning value and y optional int labels (label

@@ -97,9 +97,9 @@ class Mlp(nn.Module):
         return dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h)
 
 
-def _layer_norm(x, dtype):
+def _layer_norm(x, dtype, eps=1e-6):
     """LayerNorm without affine parameters, eps 1e-6 (the reference's norm1/norm2/norm_final)."""
-    return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype)(x)
+    return nn.LayerNorm(epsilon=eps, use_bias=False, use_scale=False, dtype=dtype)(x)
 
 
 class DiTBlock(nn.Module):
@@ -108,6 +108,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     attention_impl: str | None = None
+    mlp_norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -120,7 +121,8 @@ class DiTBlock(nn.Module):
         attn = MultiHeadAttention(self.num_heads, self.attention_impl, name="attn", **kw)
         x = x + gate1[:, None] * attn(modulate(_layer_norm(x, self.dtype), shift1, scale1))
         mlp = Mlp(int(D * self.mlp_ratio), name="mlp", **kw)
-        x = x + gate2[:, None] * mlp(modulate(_layer_norm(x, self.dtype), shift2, scale2))
+        h = modulate(_layer_norm(x, self.dtype, self.mlp_norm_eps), shift2, scale2)
+        x = x + gate2[:, None] * mlp(h)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -173,6 +175,10 @@ class DiT(nn.Module):
     guidance_embed: bool = False  # guided distillation: also takes w (`__call__(..., w=)`)
     time_scale: float = 1.0
     frequency_size: int = 256
+    # diffusers' DiTTransformer2DModel (jaxdiff.interop.diffusers_dit): its timestep features
+    # use shift 1 (`layers.timestep_embedding`) and its MLP LayerNorm eps 1e-5
+    frequency_shift: float = 0.0
+    mlp_norm_eps: float = 1e-6
     remat: bool = False
     attention_impl: str | None = None
     dtype: Any = jnp.float32
@@ -202,7 +208,7 @@ class DiT(nn.Module):
             h = hidden.astype(self.dtype)
         c = self._conditioning(t, y, B, w)  # (B, D)
         block = nn.remat(DiTBlock) if self.remat else DiTBlock
-        args = (self.num_heads, self.mlp_ratio, self.attention_impl)
+        args = (self.num_heads, self.mlp_ratio, self.attention_impl, self.mlp_norm_eps)
         for i in range(start, stop):
             h = block(*args, name=f"blocks.{i}", **kw)(h, c)  # (B, T, D)
         if tokens:
@@ -225,11 +231,12 @@ class DiT(nn.Module):
         """c = t_embedder(t · time_scale) [+ w_embedder(w)] + y_embedder(y), (B, hidden_size)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32) * self.time_scale, (batch,))
-        c = TimestepEmbedder(self.hidden_size, self.frequency_size, name="t_embedder", **kw)(t)
+        embedder = lambda name: TimestepEmbedder(self.hidden_size, self.frequency_size,
+                                                 self.frequency_shift, name=name, **kw)
+        c = embedder("t_embedder")(t)
         w = check_guidance_input(self, w, batch)
         if w is not None:
-            c = c + TimestepEmbedder(self.hidden_size, self.frequency_size, name="w_embedder",
-                                     **kw)(w * GUIDANCE_SCALE)
+            c = c + embedder("w_embedder")(w * GUIDANCE_SCALE)
         if self.num_classes == 0:
             if y is not None:
                 raise ValueError("labels y were given to a DiT with num_classes=0")

@@ -48,10 +48,17 @@ def modulate(x, shift, scale):
     return x * (1 + expand(scale)) + expand(shift)
 
 
-def timestep_embedding(t, dim, max_period=10000.0):
-    """(B,) -> (B, dim) features [cos(t·f), sin(t·f)], f_i = max_period^(-i/(dim/2)) (ADM/DiT)."""
+def timestep_embedding(t, dim, max_period=10000.0, shift=0.0):
+    """(B,) -> (B, dim) features [cos(t·f), sin(t·f)], f_i = max_period^(-i/(dim/2 - shift))
+    (ADM/DiT: shift 0; diffusers' `Timesteps(downscale_freq_shift=1)`, e.g. its DiT: shift 1).
+
+    The frequencies are constants: the float32 exponents PyTorch references compute,
+    exponentiated in float64 and rounded once, so they do not depend on a backend's float32
+    `exp` (one ulp in a frequency moves t·f by ~6e-5 at t = 1000)."""
     half = dim // 2
-    freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    exponent = -np.float32(np.log(max_period)) * np.arange(half, dtype=np.float32)
+    exponent = exponent / np.float32(half - shift)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]  # (B, half)
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
@@ -64,13 +71,14 @@ class TimestepEmbedder(nn.Module):
 
     hidden_size: int
     frequency_size: int = 256
+    frequency_shift: float = 0.0  # `timestep_embedding`'s shift
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, t):  # (B,) -> (B, hidden_size)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init=nn.initializers.normal(0.02))
-        h = timestep_embedding(t, self.frequency_size)
+        h = timestep_embedding(t, self.frequency_size, shift=self.frequency_shift)
         h = dense(self.hidden_size, (None, "embed"), name="mlp.0", **kw)(h)
         return dense(self.hidden_size, ("embed", "embed"), name="mlp.2", **kw)(nn.silu(h))
 
@@ -208,11 +216,12 @@ def _pallas_attention(q, k, v, mask):
 
 
 def _xla_attention(q, k, v, mask):
-    """Plain attention; logits and softmax in float32 whatever the input dtype."""
+    """Plain attention; logits and softmax in float32 at least (float64 inputs: float64)."""
     scale = 1.0 / np.sqrt(q.shape[-1])
-    logits = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * scale
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=acc) * scale
     if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask, logits, jnp.finfo(acc).min)
     weights = jax.nn.softmax(logits, axis=-1)  # (B, H, S, T)
     if mask is not None:  # a query that may attend to no key gets 0, as in the Pallas kernel
         weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)

@@ -1,9 +1,10 @@
 """The train step and the network wrapper.
 
 `make_train_step` builds the pure step `(state, batch) -> (state, metrics)` around an objective
-(`diffusion_objective` or any other); its randomness is `fold_in(rng, step)`, so a resumed run draws
-exactly the numbers an uninterrupted one would. `ModelApply` / `network` wrap a Flax module as
-the `model_fn(x, t, *labels)` that `jaxdiff.sample` and the objectives call.
+(`diffusion_objective`, `autoencoder_objective` or any other); its randomness is
+`fold_in(rng, step)`, so a resumed run draws exactly the numbers an uninterrupted one would.
+`ModelApply` / `network` wrap a Flax module as the `model_fn(x, t, *labels)` that
+`jaxdiff.sample` and the objectives call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdiff.core import losses
+from jaxdiff.models.autoencoder_kl import AutoencoderKL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,54 @@ def diffusion_objective(model, *, process, prediction, num_classes=0, p_uncond=0
         loss, _ = losses.diffusion_loss(net, batch["x"], k_loss, process=process,
                                         prediction=prediction, args=args, **loss_options)
         return loss, {}
+
+    return objective
+
+
+RECONSTRUCTIONS = ("l1", "l2")  # autoencoder_objective's pixel losses
+
+
+class TrainedAutoencoder(AutoencoderKL):
+    """An `AutoencoderKL` as the train state holds it: called as the diffusion networks are,
+    `(x, t, y, train=...)` (`jaxdiff.train.init_state` initialises every model so; t and y are
+    ignored), it returns the reconstruction from the posterior's mode. Its parameter tree is the
+    AutoencoderKL's own, so the run's params load into a plain `AutoencoderKL` (and export to
+    diffusers) unchanged."""
+
+    def __call__(self, x, t=None, y=None, train=False):
+        del t, y, train
+        return super().__call__(x)
+
+
+def autoencoder_objective(model, *, reconstruction="l1", kl_weight=1e-6):
+    """The KL-regularised autoencoder loss of latent diffusion (Rombach et al. 2022, App. G,
+    without its perceptual and adversarial terms) on an `AutoencoderKL` `model`, as an objective
+    for `make_train_step`; batch = {"x"} images (labels unused).
+
+    The posterior is sampled with the step's key; loss = mean pixel error (|x - x_rec| for "l1",
+    its square for "l2") + kl_weight * KL(posterior || N(0, I)) / pixels per image. That is
+    LDM's per-image sums (reconstruction summed over pixels, KL over latent values; its
+    kl_weight 1e-6) divided by the pixel count, so `kl_weight` means what it means there and
+    the loss's size does not grow with the resolution. aux: rec (the reconstruction term), mse,
+    kl (per image, summed over latent values), latent_std (the posterior's mean std)."""
+    if reconstruction not in RECONSTRUCTIONS:
+        raise ValueError(f"reconstruction={reconstruction!r} is unknown; allowed: "
+                         f"{', '.join(RECONSTRUCTIONS)}")
+
+    def run(m, x, key):
+        posterior = m.encode(x)
+        return m.decode(posterior.sample(key)), posterior.kl(), jnp.mean(posterior.std)
+
+    def objective(params, batch, key, frozen=None):
+        x = batch["x"]
+        x_rec, kl, latent_std = model.apply({"params": params}, x, key, method=run)
+        err = x_rec.astype(jnp.float32) - x
+        rec = jnp.mean(jnp.abs(err) if reconstruction == "l1" else jnp.square(err))
+        kl = jnp.mean(kl)
+        pixels = x[0].size
+        loss = rec + kl_weight * kl / pixels
+        return loss, {"rec": rec, "mse": jnp.mean(jnp.square(err)), "kl": kl,
+                      "latent_std": latent_std}
 
     return objective
 
