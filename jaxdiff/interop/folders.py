@@ -115,6 +115,9 @@ class Tensors(Mapping):
     def __getitem__(self, key):
         return self.read(key)
 
+    def __contains__(self, key):  # Mapping's default reads the tensor
+        return key in self._where
+
     def __iter__(self):
         return iter(self._where)
 
@@ -231,8 +234,10 @@ def load_params(folder_or_tensors, abstract, *, rename: Rename | None = None, dt
     `rename(path)`: the family's exceptions to `torch_key`/`torch_perm`. `ignore`: PyTorch keys
     (or key prefixes ending in ".") the folder may hold beyond the model's (buffers such as
     `position_ids`). `dtype`: cast floating weights to it (default: the abstract leaf's dtype).
-    `shardings`: a tree of `jax.sharding.Sharding` like `abstract`, or one for every leaf, or
-    None (the default device); each device's block is read from the file alone.
+    `shardings`: a `jax.sharding.Mesh` (each leaf split by its logical axis names,
+    `mesh_shardings`: FSDP), a tree of `jax.sharding.Sharding` like `abstract`, one for every
+    leaf, or None (the default device). Each device's block is read from the file alone, so no
+    host holds a whole sharded parameter.
     """
     tensors = (folder_or_tensors if isinstance(folder_or_tensors, Tensors)
                else Tensors(weight_files(folder_or_tensors)))
@@ -281,9 +286,32 @@ def _torch_shape(shape, perm):
 def _leaf_shardings(shardings, abstract, flat):
     if shardings is None:
         return {}
+    if isinstance(shardings, jax.sharding.Mesh):
+        return mesh_shardings(abstract, shardings)
     if isinstance(shardings, jax.sharding.Sharding):
         return dict.fromkeys(flat, shardings)
     return flatten(shardings)
+
+
+def mesh_shardings(abstract, mesh):
+    """{path: NamedSharding} for a boxed abstract params tree on `mesh`: each leaf split by its
+    logical axis names under the models' rules (`jaxdiff.models.partitioning`: e.g. FSDP splits
+    widths over "fsdp" where they divide), replicated where it has none."""
+    import flax.linen as nn
+    from flax import traverse_util
+
+    from jaxdiff.models.partitioning import LOGICAL_RULES, mesh_spec
+
+    # the rules restricted to the mesh's axes (a mesh may have only "fsdp", say)
+    as_tuple = lambda axes: (axes,) if isinstance(axes, str) else tuple(axes or ())
+    rules = tuple((name, tuple(a for a in as_tuple(axes) if a in mesh.axis_names))
+                  for name, axes in LOGICAL_RULES)
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(abstract).items():
+        names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
+        spec = mesh_spec(names, nn.unbox(leaf).shape, mesh, rules)
+        out[path] = jax.sharding.NamedSharding(mesh, spec)
+    return out
 
 
 def _place(tensors, key, perm, shape, dtype, sharding):
