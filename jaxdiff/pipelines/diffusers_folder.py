@@ -88,11 +88,18 @@ def _present(index, folder, name):
 
 @dataclasses.dataclass
 class _Net:
+    """A network and its params; `apply` is compiled once per argument shapes (the jitted
+    function lives as long as the pipeline, so repeated calls reuse its programs)."""
+
     module: Any
     params: Any
 
+    def __post_init__(self):
+        self._apply = jax.jit(self.module.apply,
+                              static_argnames=("method", "output_hidden_states"))
+
     def apply(self, *args, **kwargs):
-        return self.module.apply({"params": self.params}, *args, **kwargs)
+        return self._apply({"params": self.params}, *args, **kwargs)
 
 
 def _load_vae(folder, dtype):
@@ -124,17 +131,11 @@ def _vae_scale(vae):
 
 
 def _decode(vae, latents):
-    """Latents -> images (N, H, W, 3) in [0, 1], as diffusers' pipelines post-process (one
-    compiled program)."""
+    """Latents -> images (N, H, W, 3) in [0, 1], as diffusers' pipelines post-process."""
     module = vae.module
-
-    @jax.jit
-    def decode(params, latents):
-        z = module.from_latent(latents.astype(jnp.float32))
-        image = module.apply({"params": params}, z.astype(module.dtype), method=module.decode)
-        return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-
-    return decode(vae.params, latents)
+    z = module.from_latent(jnp.asarray(latents, jnp.float32))
+    image = vae.apply(z.astype(module.dtype), method="decode")
+    return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
 def _sampling(scheduler, steps, sampler, mu=None):
@@ -192,6 +193,11 @@ class TextToImage:
     vae: _Net
     scheduler: dict
     force_zeros: bool = False
+
+    def __post_init__(self):
+        # one function object for the pipeline's life: jaxdiff.sample's compiled program is
+        # keyed on it
+        self._fn = _mmdit_fn(self.denoiser) if self.kind == "sd3" else _unet_fn(self.denoiser)
 
     def encode(self, prompts):
         """(context, pooled or None) for a list of prompts, as the folder's pipeline builds
@@ -252,11 +258,11 @@ class TextToImage:
                            (num, 1))
             c, u = (cond, {"text_embeds": pooled, "time_ids": ids}), (
                 uncond, {"text_embeds": pooled_u, "time_ids": ids})
-            fn = _unet_fn(self.denoiser)
         elif self.kind == "sd":
-            c, u, fn = (cond, None), (uncond, None), _unet_fn(self.denoiser)
+            c, u = (cond, None), (uncond, None)
         else:
-            c, u, fn = (cond, pooled), (uncond, pooled_u), _mmdit_fn(self.denoiser)
+            c, u = (cond, pooled), (uncond, pooled_u)
+        fn = self._fn
         latents = _sample(fn, self.denoiser.params, _noise(seed, num, shape, noise), c, u,
                           guidance, kwargs, final, seed)
         images = np.asarray(_decode(self.vae, latents))
@@ -309,24 +315,26 @@ class ClassToImage:
     labels: dict
     latent_shape: tuple  # (H, W, C): the transformer config's sample_size and in_channels
 
+    def __post_init__(self):
+        module, channels = self.denoiser.module, self.latent_shape[-1]
+
+        def fn(params, x, t, labels):  # the noise channels (learned-sigma ones dropped)
+            t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+            out = module.apply({"params": params}, x.astype(module.dtype), t, labels)
+            return out[..., :channels].astype(jnp.float32)
+
+        self._fn = fn  # one function for the pipeline's life (see TextToImage)
+
     def __call__(self, class_labels, *, steps=25, guidance=4.0, seed=0, sampler=None,
                  noise=None, return_latents=False):
         """Images (N, H, W, 3) in [0, 1], one per class label (ints, or names the folder's
         `id2label` knows)."""
         ids = [self._label(c) for c in np.atleast_1d(np.asarray(class_labels, dtype=object))]
-        module = self.denoiser.module
         shape = self.latent_shape
         kwargs, final = _sampling(self.scheduler, steps, sampler)
-        null = module.num_classes
+        null = self.denoiser.module.num_classes
         y = jnp.asarray(ids, jnp.int32)
-        channels = shape[-1]
-
-        def fn(params, x, t, labels):
-            t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-            out = module.apply({"params": params}, x.astype(module.dtype), t, labels)
-            return out[..., :channels].astype(jnp.float32)
-
-        latents = _sample(fn, self.denoiser.params, _noise(seed, len(ids), shape, noise), y,
+        latents = _sample(self._fn, self.denoiser.params, _noise(seed, len(ids), shape, noise), y,
                           jnp.full_like(y, null), guidance, kwargs, final, seed)
         images = np.asarray(_decode(self.vae, latents))
         return (images, np.asarray(latents)) if return_latents else images
