@@ -6,7 +6,7 @@ BASE := $(VENV)/.installed-base
 FULL := $(VENV)/.installed-test
 DEMO_DIR ?= runs/digits
 
-.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching bench-quantization bench-distillation bench-inverse bench-steering clean
+.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching bench-quantization bench-distillation bench-inverse bench-steering bench-pretrained clean
 
 $(BASE): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,12 @@ bench-inverse: testbed
 # Gaussian mixture (benchmarks/out/steering/, benchmarks/steering.png). ~20 min on 2 cores.
 bench-steering: testbed
 	$(BIN)/python benchmarks/steering.py
+
+# Pretrained diffusers folders: load time, host memory and text-to-image s/step, jaxdiff vs
+# diffusers, on random-weight folders it writes (tiny, and SD-1.5-sized ~2 GB, deleted after;
+# benchmarks/out/pretrained.json). ~30 min on 2 cores.
+bench-pretrained: $(FULL)
+	$(BIN)/python benchmarks/pretrained.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

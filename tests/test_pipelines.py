@@ -99,6 +99,28 @@ def sd_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl") / "pipe"
+    tok, vocab = tiny_tokenizer(str(folder / "_tok"))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=4, norm_num_groups=4, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16, transformer_layers_per_block=(1, 2))
+    scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear",
+                                                 beta_start=0.00085, beta_end=0.012,
+                                                 steps_offset=1, timestep_spacing="leading")
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=_clip(vocab, seed=7), tokenizer=tok,
+        text_encoder_2=_clip(vocab, projection=True, seed=8), tokenizer_2=tok,
+        unet=_perturb(unet, 9, 0.05), scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return folder, pipe
+
+
+@pytest.fixture(scope="module")
 def sd3_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd3") / "pipe"
     tok, vocab = tiny_tokenizer(str(folder / "_tok"))
@@ -161,6 +183,20 @@ def test_sd_pipeline_matches_diffusers(sd_folder):
     # another jaxdiff sampler on the folder's process: a valid image, close to DDIM's at 4 steps
     other = pipe(PROMPT, steps=4, guidance=5.0, num=2, noise=noise, sampler="dpmpp_2m")
     assert other.shape == got.shape and np.all((other >= 0) & (other <= 1))
+
+
+def test_sdxl_pipeline_matches_diffusers(sdxl_folder):
+    """Both encoders' penultimate states, the second one's pooled projection, size
+    conditioning, zeros for the empty negative prompt; Euler with diffusers' sigma scaling."""
+    folder, ref = sdxl_folder
+    noise = _latents((1, 8, 8, 4), seed=3)
+    with torch.no_grad():
+        want = ref(PROMPT, num_inference_steps=4, guidance_scale=5.0, height=16, width=16,
+                   latents=torch.from_numpy(noise.transpose(0, 3, 1, 2)), output_type="np").images
+    pipe = pipelines.load(str(folder))
+    assert pipe.kind == "sdxl" and pipe.force_zeros
+    got = pipe(PROMPT, steps=4, guidance=5.0, noise=noise, height=16, width=16)
+    assert _relative(got, want) <= 1e-3, _relative(got, want)
 
 
 def test_sd3_pipeline_matches_diffusers(sd3_folder):
