@@ -220,10 +220,13 @@ def _check_fits(key, value, dtype):
     """One-line error when `value` (a float array) overflows `dtype`."""
     if not _floating(dtype) or not _floating(value.dtype) or value.size == 0:
         return
+    largest = float(ml_dtypes.finfo(dtype).max)
+    if largest >= float(ml_dtypes.finfo(value.dtype).max):  # a wider dtype holds every value
+        return
     top = float(np.max(np.abs(value.astype(np.float32))))
-    if np.isfinite(top) and top > float(jnp.finfo(dtype).max):
+    if np.isfinite(top) and top > largest:
         raise ValueError(f"weight {key!r} holds values up to {top:.3g}, beyond {np.dtype(dtype)}'s "
-                         f"largest {float(jnp.finfo(dtype).max):.3g}; load it in a wider dtype")
+                         f"largest {largest:.3g}; load it in a wider dtype")
 
 
 def load_params(folder_or_tensors, abstract, *, rename: Rename | None = None, dtype=None,
@@ -327,7 +330,7 @@ def _place(tensors, key, perm, shape, dtype, sharding):
         return value.astype(dtype)
 
     if sharding is None:
-        return jnp.asarray(block(()))
+        return jax.device_put(block(()))  # a copy to the device; no XLA program per shape
     return jax.make_array_from_callback(tuple(shape), sharding, block)
 
 
