@@ -2,8 +2,13 @@
 
     jaxdiff train --config configs/imagenet256_dit_xl2.py --workdir runs/imagenet256
 
-Not runnable yet: DiT trains on 32x32x4 latents of the Stable Diffusion VAE, and the VAE
-(encoding the dataset, decoding samples) arrives in a later release. The model section is the
+Not runnable yet. DiT trains on 32x32x4 latents of the Stable Diffusion VAE (`data.latent_shape`
+records them; `jaxdiff train` does not read it). Latent runs exist (`data.latents = <workdir of an
+autoencoder run>`, configs/digits_vae.py then configs/digits_latent_dit.py), but they encode with
+a VAE trained by `jaxdiff train` and cache a whole split in memory in one .npz: ImageNet needs
+the pretrained SD VAE as the encoder (a diffusers folder, which
+`jaxdiff.interop.autoencoder_kl.load` reads but `data.latents` cannot name yet) and a sharded
+on-disk cache (1.28M x 32x32x4 float32 latents are 21 GB). The model section is the
 reference DiT-XL/2 (675M parameters, 118.6 GFLOPs per forward; FID 2.27 with CFG 1.5 after 7M
 steps at batch 256) with the reference parameter layout, so its checkpoints import by rename
 (`jaxdiff.interop.dit_from_torch_state_dict`).

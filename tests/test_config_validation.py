@@ -17,7 +17,7 @@ from jaxdiff.eval import images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNABLE = ["digits", "toy2d", "cifar10_ddpmpp", "cifar10_edm", "cifar10_dit"]
-SHIPPED = RUNNABLE + ["imagenet256_dit_xl2"]
+SHIPPED = RUNNABLE + ["imagenet256_dit_xl2", "digits_latent_dit"]
 
 
 def load(name, overrides=()):

@@ -96,6 +96,13 @@ def test_latent_cache_written_once_and_equal_to_a_direct_encode(vae_run):
     assert batch["x"].shape == (32, 8, 8, 2)
     np.testing.assert_array_equal(batch["x"], scaled[rows])
     np.testing.assert_array_equal(batch["label"], first["label"][rows])
+    # checkpointable: a fresh iterator set to a saved state goes on with the same batches
+    it = build.dataset(config, seed=0)
+    next(it)
+    state, expected = it.get_state(), [next(it)["x"] for _ in range(2)]
+    resumed = build.dataset(config, seed=0)
+    resumed.set_state(state)
+    assert all(np.array_equal(next(resumed)["x"], x) for x in expected)
     with pytest.raises(ValueError, match=r"holds latents made with vae_step=2, not 7 as now"):
         latents_lib.cached(path, dict, expect=dict(vae_step=7))
 
@@ -120,6 +127,18 @@ def test_latent_dit_trains_and_reports_fd_of_decoded_samples(vae_run, tmp_path, 
     assert code in (0, None), err[-2000:]
     samples = np.load(tmp_path / "grid.npz")["samples"]
     assert samples.shape == (10, 16, 16, 1) and np.all(np.isfinite(samples))
+    # what works on pixels only is refused on latent (and autoencoder) runs, in one line
+    refused = [(("sample", f"--workdir={workdir}", "--steer=smc:particles=2",
+                 "--reward=classifier:digit=3"), "this is a latent run (data.latents)"),
+               (("eval", f"--workdir={workdir}", "--metrics=nll"),
+                "a latent run (data.latents) models latents, not pixels"),
+               (("solve", f"--workdir={workdir}", "--task=inpaint:box",
+                 f"--input={tmp_path / 'grid.npz'}"), "is a latent or autoencoder run"),
+               (("sample", f"--workdir={vae_run}"), "is an autoencoder run (model.name=auto")]
+    for args, message in refused:
+        code, err = here(capfd, *args)
+        lines = [ln for ln in err.splitlines() if "error:" in ln]
+        assert code in (1, 2) and len(lines) == 1 and message in lines[0], err[-2000:]
 
 
 def _fake_run(path, model):

@@ -221,6 +221,10 @@ def _sample(run):
     if FLAGS.steer is not None or FLAGS.reward is not None:  # cli/steer.py
         from jaxdiff.cli import steer
 
+        if config.data.get("latents"):
+            raise ValueError("--steer/--reward: this is a latent run (data.latents), and the "
+                             "rewards score pixels; steer a pixel-space run")
+
         check_memory("--num", num * steer.batch_factor(FLAGS.steer), config, "the samples")
         steer.sample(config, FLAGS.workdir, out=out_path("sample"), num=num, seed=FLAGS.seed,
                      sampler=FLAGS.sampler, steps=steps, label=FLAGS["class"].value,
@@ -263,6 +267,10 @@ def _run_config(command):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path} is not valid JSON ({first_line(e)}); it should hold the "
                          "run's config as jaxdiff train wrote it") from None
+    if isinstance(config, dict) and (config.get("model") or {}).get("name") == "autoencoder_kl":
+        raise ValueError(f"{FLAGS.workdir} is an autoencoder run (model.name=autoencoder_kl): "
+                         f"nothing to {command}; its reconstructions are in its report.json, and "
+                         "a latent diffusion run uses it as data.latents")
     missing = [k for k in RUN_SECTIONS if not isinstance(config, dict)
                or not isinstance(config.get(k), dict)]
     if missing:
@@ -297,6 +305,9 @@ def _eval(command):
         return evaluate.plot(workdir, out=out)
     _check_conditioning(config)
     metrics = parse_list(FLAGS.metrics or "fd,pr", METRICS, "metrics")
+    if "nll" in metrics and config.data.get("latents"):
+        raise ValueError("--metrics=nll: a latent run (data.latents) models latents, not "
+                         "pixels; allowed: fd, pr")
     num = FLAGS.num or NUM["eval"]
     if {"fd", "pr"} & set(metrics):
         check_memory("--num", num, config, "the samples")

@@ -188,9 +188,9 @@ def latent_shape(model_section, image_shape):
 def autoencoder_run(workdir, what="data.latents"):
     """The config of the autoencoder run in `workdir` (its config.json); ValueError (one line,
     naming the key `what`) when there is no run there or it is not an autoencoder's."""
-    path = os.path.join(workdir, "config.json")
     if not isinstance(workdir, str) or not workdir:
         raise ValueError(f"{what}={workdir!r} must be the --workdir of an autoencoder run")
+    path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{what}={workdir}: no jaxdiff run there ({path} is missing); train the "
                          "autoencoder first: jaxdiff train --config configs/digits_vae.py "
@@ -228,8 +228,11 @@ def _restore_autoencoder(workdir, step):
     cfg = autoencoder_run(workdir)
     vae = model(cfg)
     tx, _ = optimizer(cfg)
+    # over every device (replicated, as the sampling of a run restores its params), so that
+    # every process holds the params whole
     template = train_lib.abstract_state(vae, tx, x_shape=data_info(cfg)["shape"], num_classes=0,
-                                        ema_decays=tuple(cfg.optim.ema_decays))
+                                        ema_decays=tuple(cfg.optim.ema_decays),
+                                        mesh=parallel.make_mesh())
     ckpt = Checkpointer(workdir)
     try:
         state, _ = ckpt.restore(template, description(cfg), step=step)
@@ -300,7 +303,7 @@ DECODE_BATCH = 256  # latents per call of the decoder
 
 @functools.lru_cache(maxsize=4)
 def _decoder(workdir, step, scale, shift):
-    vae, params, _ = autoencoder(workdir)
+    vae, params, _ = _restore_autoencoder(workdir, step)
     vae = vae.clone(scaling_factor=scale, shift_factor=shift)
     run = jax.jit(lambda p, z: vae.apply({"params": p}, z,
                                          method=lambda m, z: m.decode(m.from_latent(z))))

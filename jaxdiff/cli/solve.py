@@ -201,9 +201,14 @@ def _run_config(workdir):
                          "jaxdiff train --config ... --workdir ...")
     try:
         with open(path, encoding="utf-8") as f:
-            return ConfigDict(json.load(f))
+            config = ConfigDict(json.load(f))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({_first_line(e)})") from None
+    data = config.get("data") or {}
+    if data.get("latents") or (config.get("model") or {}).get("name") == "autoencoder_kl":
+        raise ValueError(f"{workdir} is a latent or autoencoder run: the tasks measure pixels; "
+                         "solve with a pixel-space run")
+    return config
 
 
 def _dims(shape):
