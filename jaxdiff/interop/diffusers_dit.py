@@ -29,8 +29,8 @@ Two things differ from the facebookresearch reference that `jaxdiff.models.DiT` 
   flip_sin_to_cos=True, downscale_freq_shift=1)`: [cos, sin] at frequencies 10000^(-i/127), where
   the reference (and `jaxdiff.models.layers.timestep_embedding`) uses 10000^(-i/128). No weight
   change makes one the other, so `from_config` builds a `DiT` with `frequency_shift=1`, which
-  gives diffusers' frequencies; `export` refuses a DiT with another shift (train with
-  `--config.model.frequency_shift=1` to export a jaxdiff-trained DiT to diffusers exactly).
+  gives diffusers' frequencies; `export` refuses a DiT with another shift (train a DiT with
+  `frequency_shift=1` in its config's model section to export it to diffusers exactly).
 - the LayerNorm before the MLP uses `norm_eps` (default 1e-5) in diffusers, 1e-6 in the
   reference: the DiT's `mlp_norm_eps` takes the folder's, and export writes the module's.
 
@@ -155,8 +155,8 @@ def _check_module(module):
     shift = getattr(module, "frequency_shift", 0.0)
     checks = [
         ("frequency_shift", shift, shift == FREQUENCY_SHIFT, f"{FREQUENCY_SHIFT:g} (diffusers' "
-         "timestep frequencies: build the module with from_config, or train with "
-         "--config.model.frequency_shift=1)"),
+         "timestep frequencies: build the module with from_config, or train a DiT with "
+         "frequency_shift=1 in its config's model section)"),
         ("frequency_size", module.frequency_size, module.frequency_size == FREQUENCY_SIZE,
          str(FREQUENCY_SIZE)),
         ("mlp_ratio", module.mlp_ratio, module.mlp_ratio == 4, "4"),
