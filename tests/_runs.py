@@ -3,6 +3,7 @@ this process: tests/_cli.py `here`, `nan_at`) and damage, kill or poison its run
 (test_checkpoint, test_preemption, test_nonfinite, test_oom, test_rundir). The `cli_env` fixture
 (tests/conftest.py) gives those subprocesses one compilation cache per test module."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -143,3 +144,25 @@ def logged_once(workdir, logged):
               for _, d in read_records(os.path.join(tb, n))[1:]]  # after file_version
     tags = len(events) // max(len(logged), 1)
     assert events == [s for s in logged for _ in range(tags)], events
+
+
+@contextlib.contextmanager
+def compilation_cache(cache_dir):
+    """JAX's persistent compilation cache in `cache_dir`, in this process, for the duration: a
+    program compiled again (the same train step rebuilt by a later run or a resume: a new
+    closure, so a new jit, but the same XLA program) is read back instead of compiled, and
+    computes bit-identically. Off again afterwards, as the other test modules expect."""
+    from jax._src import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {n: getattr(jax.config, n) for n in names}
+    for name, value in zip(names, (str(cache_dir), 0.0, 0)):
+        jax.config.update(name, value)
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        cc.reset_cache()

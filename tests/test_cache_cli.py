@@ -17,6 +17,10 @@ from jaxdiff.accel.cache import describe_cost, format_cache, parse_cache
 from jaxdiff.cli.validate import check_config
 from tests._cli import main
 
+# the session's digits run read in this process: programs another module compiled for it
+# are read back from the session's compilation cache (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("compiled_once")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

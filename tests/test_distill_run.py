@@ -19,6 +19,10 @@ from jaxdiff.distill import graft, params_digest, teacher_record
 from jaxdiff.train import loop
 from tests._cli import main
 
+# the library's run of the CLI's distillation and its resume compile the CLI's programs again:
+# read back from the session's compilation cache (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("compiled_once")
+
 FAST = ["--config.train.steps=3", "--config.optim.warmup_steps=1", "--config.train.log_every=1",
         "--config.train.ckpt_every=1", "--config.train.num_samples=4"]
 

@@ -16,6 +16,10 @@ from tests import _runs
 from tests._cli import fast_compile, here
 from tests._cli import main as _main
 
+# the session's digits run read in this process: programs another module compiled for it
+# are read back from the session's compilation cache (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("compiled_once")
+
 
 @pytest.fixture(scope="module")
 def run(digits_run):

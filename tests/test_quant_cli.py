@@ -20,6 +20,10 @@ pytest.importorskip("qwix")
 from jaxdiff.accel import quant, quant_ckpt  # noqa: E402
 from jaxdiff.models import DiT  # noqa: E402
 
+# the session's digits run read in this process: programs another module compiled for it
+# are read back from the session's compilation cache (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("compiled_once")
+
 DIT = DiT(patch_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=10)
 X = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
 T = jnp.linspace(-1.0, 1.0, 4)

@@ -17,6 +17,10 @@ import pytest
 from jaxdiff.cli import solve as solve_cli
 from jaxdiff.cli import steer as steer_cli
 
+# the session's digits run read in this process: programs another module compiled for it
+# are read back from the session's compilation cache (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("compiled_once")
+
 
 def _run(*args):
     """`jaxdiff <args>` in this process: (exit code, stdout, stderr lines)."""

@@ -15,6 +15,10 @@ from jaxdiff.core.process import EDM
 from tests import _runs
 from tests._cli import here, main, train_here
 
+# the session's digits run read in this process: programs another module compiled for it
+# are read back from the session's compilation cache (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("compiled_once")
+
 TINY = _runs.TINY + ["--config.train.log_every=3"]  # a small, fast run of the digits config
 
 

@@ -224,6 +224,11 @@ def _sample(run):
         if config.data.get("latents"):
             raise ValueError("--steer/--reward: this is a latent run (data.latents), and the "
                              "rewards score pixels; steer a pixel-space run")
+        from jaxdiff.cli import build
+
+        if build.is_discrete(config):
+            raise ValueError("--steer/--reward: this is a token run (process.name="
+                             f"{config.process.name!r}); steering takes continuous image runs")
 
         check_memory("--num", num * steer.batch_factor(FLAGS.steer), config, "the samples")
         steer.sample(config, FLAGS.workdir, out=out_path("sample"), num=num, seed=FLAGS.seed,

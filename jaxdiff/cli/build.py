@@ -6,6 +6,11 @@ sections model, loss {reconstruction, kl_weight}, optim, data, train, mesh), and
 (`data.latents = <the autoencoder run's workdir>`): a diffusion model trained on the latents of
 `data.name`'s images (`latents`, cached in `<workdir>/latents/<split>.npz`), whose samples are
 decoded by the autoencoder (`decoder`).
+
+A token run (`is_discrete`: process.name in DISCRETE_PROCESSES) trains a `TokenTransformer` on a
+token dataset (`jaxdiff.data.tokens`): masked or uniform-noise discrete diffusion
+(`discrete_process`), or the autoregressive baseline (process.name='autoregressive', no process:
+the same network with a causal mask); see `jaxdiff.cli.discrete`.
 """
 
 from __future__ import annotations
@@ -34,8 +39,47 @@ BETA_SCHEDULES = {"linear": DiscreteVP.linear, "scaled_linear": DiscreteVP.scale
                   "cosine": DiscreteVP.cosine}
 
 
+DISCRETE_PROCESSES = ("masked", "uniform", "autoregressive")  # token runs' process.name
+TOKEN_MODEL = "token_transformer"
+
+
+def is_discrete(cfg):
+    """Whether `cfg` is a token run (process.name masked, uniform or autoregressive)."""
+    p = cfg.get("process")
+    return hasattr(p, "get") and p.get("name") in DISCRETE_PROCESSES
+
+
+def discrete_process(cfg):
+    """A token run's process over the dataset's vocabulary: `MaskedProcess` or `UniformProcess`
+    with process.schedule; None for the autoregressive baseline (which takes no fields)."""
+    from jaxdiff.discrete.process import MaskedProcess, UniformProcess
+
+    kw = dict(cfg.process)
+    name = kw.pop("name")
+    if name == "autoregressive":
+        if kw:
+            raise ValueError(f"process.{sorted(kw)[0]} is not a setting of process.name="
+                             "'autoregressive'; it takes none")
+        return None
+    unknown = sorted(set(kw) - {"schedule"})
+    if unknown:
+        raise ValueError(f"process.{unknown[0]} is not a setting of process.name={name!r}; "
+                         "allowed: schedule")
+    from jaxdiff.discrete.process import SCHEDULES
+
+    schedule = kw.get("schedule", "linear")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"process.schedule={schedule!r} is unknown; allowed: "
+                         f"{', '.join(SCHEDULES)}")
+    cls = MaskedProcess if name == "masked" else UniformProcess
+    return cls(data_info(cfg)["vocab_size"], **kw)
+
+
 def process(cfg):
-    """config.process: {name, **fields}; discrete_vp takes beta_schedule + its arguments."""
+    """config.process: {name, **fields}; discrete_vp takes beta_schedule + its arguments; a
+    token run's process is `discrete_process`'s."""
+    if is_discrete(cfg):
+        return discrete_process(cfg)
     kw = dict(cfg.process)
     name = kw.pop("name")
     if name not in PROCESSES:
@@ -78,10 +122,38 @@ def model(cfg):
     name = kw.pop("name")
     if name == AUTOENCODER:
         return autoencoder_model(kw)
-    shape = data_info(cfg)["shape"]
+    info = data_info(cfg)
+    if info.get("tokens") or name == TOKEN_MODEL:
+        return token_model(cfg, info)
+    shape = info["shape"]
     checks = hasattr(models.MODELS.get(name), "check_image_size")  # the MLP takes vectors
     image_size = tuple(shape[:2]) if len(shape) == 3 and checks else None
     return models.build(name, image_size=image_size, **kw)
+
+
+def token_model(cfg, info):
+    """A token run's `TokenTransformer`: vocabulary and length from the dataset, causal for the
+    autoregressive baseline, time-conditioned for the uniform process (masked models are
+    time-agnostic)."""
+    kw = dict(cfg.model)
+    name = kw.pop("name")
+    if not info.get("tokens"):
+        raise ValueError(f"model.name={name!r} takes token data; data.name={cfg.data.name!r} "
+                         "holds images or vectors")
+    if name != TOKEN_MODEL:
+        raise ValueError(f"model.name={name!r} cannot take the tokens of data.name="
+                         f"{cfg.data.name!r}; allowed: {TOKEN_MODEL!r}")
+    if not is_discrete(cfg):
+        raise ValueError(f"process.name={cfg.process.name!r} does not apply to the tokens of "
+                         f"data.name={cfg.data.name!r}; allowed: {', '.join(DISCRETE_PROCESSES)}")
+    derived = sorted({"vocab_size", "seq_len", "causal", "time_conditioning"} & set(kw))
+    if derived:
+        raise ValueError(f"model.{derived[0]} is set by the run (vocab_size and seq_len by the "
+                         "data, causal and time_conditioning by process.name); remove it")
+    kind = cfg.process.name
+    return models.build(name, vocab_size=int(info["vocab_size"]), seq_len=int(info["shape"][0]),
+                        causal=kind == "autoregressive", time_conditioning=kind == "uniform",
+                        **kw)
 
 
 def dataset(cfg, seed):

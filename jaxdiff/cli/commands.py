@@ -14,6 +14,7 @@ import jaxdiff
 from jaxdiff import train as train_lib
 from jaxdiff.accel import cache as cache_lib
 from jaxdiff.cli import build, validate
+from jaxdiff.cli import discrete as discrete_cli
 from jaxdiff.cli.flags import first_line
 from jaxdiff.core.denoiser import Stateful
 from jaxdiff.core.guidance import CFG, Chain
@@ -71,6 +72,8 @@ def train(config, workdir):
 
         if autoencoder:
             sample_fn = _reconstruction_fn(config, model, workdir, mesh, t_start)
+        if build.is_discrete(config):
+            sample_fn = discrete_cli.sample_fn(config, model, process, workdir, t_start)
         train_lib.train(state, _train_step(config, model, tx, lr_fn, process), data,
                         workdir=workdir, total_steps=c.steps, log_every=c.log_every,
                         ckpt_every=c.ckpt_every, keep=c.keep, sample_every=c.sample_every,
@@ -80,6 +83,8 @@ def train(config, workdir):
 def _train_step(config, model, tx, lr_fn, process):
     if build.is_autoencoder(config):
         objective = autoencoder_objective(model, **build.autoencoder_loss(config))
+    elif build.is_discrete(config):
+        objective = discrete_cli.train_objective(config, model, process)
     else:
         objective = train_lib.diffusion_objective(model, process=process,
                                                   prediction=config.loss.prediction,
@@ -406,6 +411,12 @@ def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=N
 
     `quantized`: the directory of a quantized checkpoint of this run (`jaxdiff quantize`),
     sampled instead of the EMA params."""
+    if build.is_discrete(config):
+        return _sample_tokens(config, workdir, out=out, num=num, seed=seed, sampler=sampler,
+                              steps=steps, label=label, guidance=guidance,
+                              unsupported=dict(sampler_file=sampler_file, cache=cache,
+                                               scheduler_config=scheduler_config,
+                                               quantized=quantized))
     scheduler = (None if scheduler_config is None
                  else scheduler_sampling(config, scheduler_config, steps))
     mesh = parallel.make_mesh()
@@ -425,6 +436,26 @@ def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=N
         what = ("" if q is None else
                 f", quantized {quantized_name(q.scheme, q.calibration, q.groups, q.lowrank)}")
         print(f"wrote {out} ({num} samples, step {step}{what})")
+
+
+def _sample_tokens(config, workdir, *, out, num, seed, sampler, steps, label, guidance,
+                   unsupported):
+    """`sample` for a token run: `out` as a PNG grid (digits) or a text file, and `.npz` with
+    the tokens (`jaxdiff.cli.discrete`)."""
+    given = [k for k, v in unsupported.items() if v is not None]
+    if given:
+        raise ValueError(f"--{given[0]} does not apply to a token run (process.name="
+                         f"{config.process.name!r})")
+    model, process, params, step = restore(config, workdir, None)
+    tokens, labels, nfe = discrete_cli.draw_tokens(config, model, process, params, num=num,
+                                                   seed=seed, sampler=sampler, steps=steps,
+                                                   label=label, guidance=guidance)
+    base = os.path.splitext(out)[0]
+    discrete_cli.save_samples(config, base, tokens, labels)
+    if jax.process_index() == 0:
+        np.savez(base + ".npz", tokens=tokens, labels=np.zeros(0) if labels is None else labels)
+        kind = ".png" if config.data.name == discrete_cli.DIGITS_TOKENS else ".txt"
+        print(f"wrote {base + kind} ({num} samples, step {step}, {nfe} network calls each)")
 
 
 def quantized_name(scheme, calibration, groups, lowrank=0):

@@ -9,7 +9,10 @@ processes) stay where the run builds its mesh and data.
 
 An autoencoder run (model.name='autoencoder_kl') has the sections AUTOENCODER_SECTIONS and the
 loss keys AUTOENCODER_LOSS; a latent run (data.latents) must name the workdir of a trained
-autoencoder run on images of the same shape (`_check_latents`).
+autoencoder run on images of the same shape (`_check_latents`). A token run
+(`build.is_discrete`: process.name masked, uniform or autoregressive) has the loss keys
+DISCRETE_LOSS and the sampler keys DISCRETE_SAMPLER, a `jaxdiff.discrete` sampler (or
+'autoregressive' for the autoregressive baseline) and a token dataset (`_check_discrete`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ OPTIONAL = {"data.latent_shape", "data.latents", "train.skip_nonfinite", "mesh.d
 # an autoencoder run (build.is_autoencoder): no process or sampler, its own loss keys
 AUTOENCODER_SECTIONS = ("model", "loss", "optim", "data", "train", "mesh")
 AUTOENCODER_LOSS = ("reconstruction", "kl_weight")
+# a token run (build.is_discrete): its loss and sampler keys
+DISCRETE_LOSS = ("p_uncond",)
+DISCRETE_SAMPLER = ("name", "steps", "guidance", "options")
 LOOP_KEYS = {"total_steps": "train.steps", "log_every": "train.log_every",  # check_loop's names
              "ckpt_every": "train.ckpt_every", "keep": "train.keep",
              "sample_every": "train.sample_every"}
@@ -63,13 +69,17 @@ def check_config(config):
     """Raises ValueError (one line, naming the key, the bad value and what is allowed) for any
     setting that would fail or silently misbehave later in training or sampling."""
     autoencoder = _is_autoencoder(config)
-    _check_structure(config, autoencoder)
-    _check_values(config)
+    discrete = build.is_discrete(config)
+    _check_structure(config, autoencoder, discrete)
+    _check_values(config, discrete)
     _check_loop(config)
     _check_optim(config)
     _check_mesh(config)
     _check_latents(config, autoencoder)
     info = _check_data(config)
+    if discrete or info.get("tokens"):
+        _check_discrete(config, info)
+        return
     if autoencoder:
         _check_autoencoder(config, info["shape"])
         return
@@ -113,7 +123,7 @@ def _is_autoencoder(config):
     return hasattr(model, "get") and model.get("name") == build.AUTOENCODER
 
 
-def _check_structure(config, autoencoder=False):
+def _check_structure(config, autoencoder=False, discrete=False):
     """Sections present and known; the fixed sections hold exactly their known keys (an
     autoencoder run: AUTOENCODER_SECTIONS, its loss AUTOENCODER_LOSS)."""
     unknown = sorted(set(config) - set(SECTIONS))
@@ -134,6 +144,8 @@ def _check_structure(config, autoencoder=False):
         if "name" not in config[section]:
             raise ValueError(f"{section}.name is missing")
     keys_of = dict(KEYS, loss=AUTOENCODER_LOSS) if autoencoder else KEYS
+    if discrete:
+        keys_of = dict(KEYS, loss=DISCRETE_LOSS, sampler=DISCRETE_SAMPLER)
     for section, keys in keys_of.items():
         if section not in config:
             continue
@@ -194,9 +206,11 @@ RULES = {  # key: (test, what is allowed); a key missing from the config is not 
 }
 
 
-def _check_values(config):
-    """The single-key rules of `RULES`."""
+def _check_values(config, discrete=False):
+    """The single-key rules of `RULES` (a token run's sampler.name: `_check_discrete`)."""
     for key, (ok, allowed) in RULES.items():
+        if discrete and key == "sampler.name":
+            continue
         section, name = key.split(".")
         if section in config and name in config[section]:
             value = config[section][name]
@@ -295,6 +309,59 @@ def _check_latents(config, autoencoder):
             raise ValueError(f"data.latents={vae}: its latents ({path}) were encoded at step "
                              f"{made} of the autoencoder, which is now at step {step}; delete "
                              f"{os.path.dirname(path)} to encode them anew")
+
+
+def _check_discrete(config, info):
+    """A token run: a token dataset, the process and model as the run builds them (init traced),
+    and a sampler of `jaxdiff.discrete` with its options ('autoregressive' for the baseline)."""
+    from jaxdiff import discrete
+
+    name, p = config.data.name, config.process.name
+    if not info.get("tokens"):
+        raise ValueError(f"process.name={p!r} is a token process; data.name={name!r} holds "
+                         "images or vectors; allowed: a token dataset "
+                         f"({', '.join(data_lib.TOKENS)})")
+    if not build.is_discrete(config):
+        raise ValueError(f"process.name={p!r} does not apply to the tokens of data.name="
+                         f"{name!r}; allowed: {', '.join(build.DISCRETE_PROCESSES)}")
+    _check_classes(config, info)
+    try:
+        process = build.process(config)
+    except (ValueError, TypeError) as e:
+        line = _line(e)
+        raise ValueError(line if line.startswith("process.") else
+                         f"process (name={p!r}): {line}") from None
+    try:
+        model = build.model(config)
+        tx, _ = build.optimizer(config)
+        train_lib.abstract_state(model, tx, x_shape=tuple(info["shape"]),
+                                 num_classes=_classes(config), ema_decays=(0.0,))
+    except (ValueError, TypeError) as e:
+        line = _line(e)
+        raise ValueError(line if line.startswith("model.") else
+                         f"model (name={config.model.name!r}): {line}") from None
+    s = config.sampler
+    if process is None:
+        if s.name != "autoregressive":
+            raise ValueError(f"sampler.name={s.name!r}: process.name='autoregressive' samples "
+                             "one token per call; allowed: 'autoregressive'")
+        allowed = ("gumbel", "temperature")
+    else:
+        if s.name not in discrete.SAMPLERS:
+            raise ValueError(f"sampler.name={s.name!r} is unknown for process.name={p!r}; "
+                             f"allowed: {', '.join(discrete.SAMPLERS)}")
+        allowed = discrete.sampler_options(s.name)
+    unknown = sorted(set(s.options) - set(allowed))
+    if unknown:
+        raise ValueError(f"sampler.options.{unknown[0]} is not an option of sampler "
+                         f"{s.name!r}; allowed: {', '.join(allowed) or 'none'}")
+    if process is not None:
+        try:
+            discrete.check_sample(process, sampler=s.name, length=int(info["shape"][0]),
+                                  steps=s.steps, **dict(s.options))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"sampler.name={s.name!r} with sampler.steps={s.steps!r} and "
+                             f"sampler.options={dict(s.options)!r}: {_line(e)}") from None
 
 
 def _check_autoencoder(config, shape):

@@ -10,6 +10,11 @@ Sources:
 * built-ins (``BUILTINS``): ``digits`` / ``digits16`` (scikit-learn digits as the TFDS dataset
   ``jaxdiff_digits``, prepared on first use, see ``digits.py``) and the 2-D toy sets ``moons``,
   ``swiss_roll``, ``gmm`` (``toy2d.py``);
+* token datasets (``TOKENS``, ``jaxdiff.data.tokens``): ``digits_tokens`` (the digits as 64
+  grey-level tokens, vocabulary 17, same split as ``digits``) and ``shakespeare_chars``
+  (character windows of Shakespeare's plays, splits ``train``/``validation``, ``test`` an alias
+  of ``validation``); their batches are ``{"x": int32 (B, L), "label": int32 (B,)}`` and
+  ``info`` adds ``vocab_size`` and ``tokens=True``. No image mapping and no flip apply;
 * any other name is a TFDS image dataset read with ``as_data_source`` from ``array_record``
   files (cifar10, mnist, celeb_a, imagenet2012, ...). It must already be prepared; TensorFlow is
   not needed to read it.
@@ -50,7 +55,9 @@ import tensorflow_datasets as tfds
 from jaxdiff.data import digits, toy2d
 
 DIGITS = ("digits", "digits16")
-BUILTINS = DIGITS + tuple(toy2d.GENERATORS)
+# Token datasets, served by jaxdiff.data.tokens (imported on use: no jax for the image datasets).
+TOKENS = ("digits_tokens", "shakespeare_chars")
+BUILTINS = DIGITS + tuple(toy2d.GENERATORS) + TOKENS
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -105,6 +112,10 @@ def _source(name: str, split: str, data_dir):
         return toy2d.source(name, split)
     if name in DIGITS:
         return digits.load_source(name, split, data_dir)
+    if name in TOKENS:
+        from jaxdiff.data import tokens as token_data
+
+        return toy2d.ArraySource(*token_data.dataset_arrays(name, split))
     return _tfds_source(name, split, data_dir)
 
 
@@ -113,8 +124,13 @@ def info(name: str, data_dir=None, *, image_size: int | None = None) -> dict:
 
     ``shape`` is ``(H, W, C)`` for images (``(image_size, image_size, C)`` when given; ``None``
     for dimensions that vary) and ``(2,)`` for toy sets. Labels lie in ``[0, K)``; ``K = 1``
-    means the dataset is unlabelled (label always 0).
+    means the dataset is unlabelled (label always 0). Token datasets: ``shape=(L,)``, also
+    ``vocab_size`` and ``tokens=True`` (text is unlabelled: ``num_classes=1``).
     """
+    if name in TOKENS:
+        from jaxdiff.data import tokens as token_data
+
+        return token_data.dataset_info(name)
     if name in toy2d.GENERATORS:
         return dict(shape=(2,), num_classes=toy2d.NUM_CLASSES[name])
     if name in DIGITS:
@@ -168,9 +184,11 @@ def _random_flip(example: dict, rng: np.random.Generator) -> dict:
 
 
 def _to_model_inputs(batch: dict) -> dict:
-    """uint8 images -> float32 in [-1, 1]; toy points cast to float32; labels int32."""
+    """uint8 images -> float32 in [-1, 1]; tokens int32; toy points float32; labels int32."""
     if "image" in batch:
         x = batch["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    elif np.issubdtype(batch["x"].dtype, np.integer):
+        x = batch["x"].astype(np.int32)
     else:
         x = batch["x"].astype(np.float32)
     return {"x": x, "label": batch["label"].astype(np.int32)}
@@ -197,13 +215,20 @@ def _check_args(name, batch_size, seed, num_epochs, process_index, process_count
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}")
     if name in toy2d.GENERATORS and (flip or size is not None):
         raise ValueError(f"random_flip and image_size do not apply to toy set {name!r}")
+    if name in TOKENS and size is not None:
+        raise ValueError(f"image_size={size} does not apply to token dataset {name!r}; "
+                         "allowed: None")
     check_random_flip(name, flip)
 
 
 def check_random_flip(name, random_flip):
-    """Refuses ``random_flip=True`` for the digits datasets: a mirrored digit is not a digit."""
+    """Refuses ``random_flip=True`` for the digits datasets (a mirrored digit is not a digit)
+    and for token datasets (sequences, not images)."""
     if random_flip and name in DIGITS:
         raise ValueError(f"random_flip=True mirrors {name!r} (a mirrored digit is not a digit); "
+                         "allowed: False")
+    if random_flip and name in TOKENS:
+        raise ValueError(f"random_flip=True does not apply to token dataset {name!r}; "
                          "allowed: False")
 
 
@@ -235,7 +260,7 @@ def build(
     if None in meta["shape"]:
         raise ValueError(f"images of {name!r} vary in size {meta['shape']}; pass image_size")
     ds = grain.MapDataset.source(_source(name, split, data_dir))
-    if name not in toy2d.GENERATORS:
+    if name not in toy2d.GENERATORS and name not in TOKENS:
         ds = ds.map(functools.partial(_prepare_image, image_size=image_size))
     if shuffle:
         ds = ds.shuffle(seed=seed)

@@ -1,5 +1,7 @@
-"""Networks: a DDPM++/ADM UNet (`unet.py`), DiT (Peebles & Xie 2023, `dit.py`) and a residual
-MLP for low-dimensional data (`mlp.py`), which `jaxdiff train` builds (`MODELS`).
+"""Networks: a DDPM++/ADM UNet (`unet.py`), DiT (Peebles & Xie 2023, `dit.py`), a residual
+MLP for low-dimensional data (`mlp.py`) and a transformer over tokens on DiT's blocks
+(`token_transformer.py`: masked diffusion's denoiser, or causal as the autoregressive baseline),
+which `jaxdiff train` builds (`MODELS`).
 
 Pretrained-model families mirror their PyTorch modules' parameter names, so their weights load by
 name (`jaxdiff.interop`): `autoencoder_kl.AutoencoderKL` (latent diffusion's KL autoencoder,
@@ -21,15 +23,19 @@ import dataclasses
 from jaxdiff.models.dit import DIT_PRESETS, DiT
 from jaxdiff.models.layers import attention
 from jaxdiff.models.mlp import MLP
+from jaxdiff.models.token_transformer import TOKEN_PRESETS, TokenTransformer
 from jaxdiff.models.unet import UNet
 
-MODELS = {"unet": UNet, "dit": DiT, "mlp": MLP}
+MODELS = {"unet": UNet, "dit": DiT, "mlp": MLP, "token_transformer": TokenTransformer}
+PRESETS = {DiT: DIT_PRESETS, TokenTransformer: TOKEN_PRESETS}
 
 __all__ = [
     "DIT_PRESETS",
     "MODELS",
     "DiT",
     "MLP",
+    "TOKEN_PRESETS",
+    "TokenTransformer",
     "UNet",
     "attention",
     "build",
@@ -37,16 +43,18 @@ __all__ = [
 
 
 def build(name, *, preset=None, image_size=None, **kwargs):
-    """The model `name` ("unet" or "dit") with fields `kwargs`; DiT takes `preset="DiT-S/2"` whose
+    """The model `name` (a key of `MODELS`) with fields `kwargs`; DiT takes `preset="DiT-S/2"`
+    (TokenTransformer `preset="S"`, `TOKEN_PRESETS`) whose
     fields the kwargs override. `image_size` (int or (H, W)), when given, is checked up front."""
     if name not in MODELS:
         raise ValueError(f"model {name!r} is unknown; allowed: {', '.join(MODELS)}")
     cls = MODELS[name]
     if preset is not None:
-        if cls is not DiT or preset not in DIT_PRESETS:
-            allowed = ", ".join(DIT_PRESETS) if cls is DiT else "none (UNet has no presets)"
+        presets = PRESETS.get(cls, {})
+        if preset not in presets:
+            allowed = ", ".join(presets) or f"none ({cls.__name__} has no presets)"
             raise ValueError(f"preset {preset!r} is unknown for {name!r}; allowed: {allowed}")
-        kwargs = {**DIT_PRESETS[preset], **kwargs}
+        kwargs = {**presets[preset], **kwargs}
     fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:

@@ -1,0 +1,171 @@
+"""Token runs through `jaxdiff train` / `jaxdiff sample` (jaxdiff.cli.discrete) and the token
+network (`TokenTransformer`): masked diffusion and the autoregressive baseline on the digits as
+tokens and on Shakespeare's characters, their reports, and their one-line config errors."""
+
+import json
+import os
+import re
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdiff.cli import build, validate
+from jaxdiff.models import TokenTransformer
+from jaxdiff.models.token_transformer import check_tokens
+from tests._cli import here
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.hidden_size=32", "--config.model.depth=1", "--config.model.num_heads=2",
+        "--config.data.batch_size=8", "--config.optim.warmup_steps=1", "--config.train.steps=3",
+        "--config.train.log_every=1", "--config.train.ckpt_every=3",
+        "--config.train.num_samples=10"]
+
+
+def config(name, variant="masked"):
+    return runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))["get_config"](variant)
+
+
+@pytest.mark.parametrize("name,variant", [(n, v) for n in ("digits_tokens", "shakespeare")
+                                          for v in ("masked", "ar", "uniform")])
+def test_shipped_configs_check_and_build(name, variant):
+    c = config(name, variant)
+    validate.check_config(c)
+    model = build.model(c)
+    info = build.data_info(c)
+    assert model.vocab_size == info["vocab_size"] and model.seq_len == info["shape"][0]
+    assert model.causal == (variant == "ar")
+    assert model.time_conditioning == (variant == "uniform")
+    assert (build.process(c) is None) == (variant == "ar")
+
+
+def _params(model, x, y=None, seed=0):
+    v = model.init(jax.random.PRNGKey(seed), x, jnp.zeros(len(x)), y)
+    # the final layer starts at zero (uniform logits): perturb so that outputs depend on inputs
+    return jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(1), a.shape),
+                        v)
+
+
+def test_causal_network_sees_only_earlier_tokens_and_bidirectional_sees_all():
+    x = jnp.array([[0, 1, 2, 3, 4, 0], [4, 3, 2, 1, 0, 1]], jnp.int32)
+    y = jnp.array([0, 1])
+    for causal in (True, False):
+        m = TokenTransformer(vocab_size=5, seq_len=8, hidden_size=16, depth=2, num_heads=2,
+                             num_classes=2, causal=causal)
+        v = _params(m, x, y)
+        out = m.apply(v, x, None, y)
+        assert out.shape == (2, 6, 5) and out.dtype == jnp.float32
+        changed = jnp.abs(m.apply(v, x.at[:, 3].set(2), None, y) - out).max(axis=(0, 2))
+        if causal:  # logits[:, i] is p(x_i | x_<i): position 3 moves only positions 4, 5
+            assert np.all(np.asarray(changed[:4]) == 0) and np.all(changed[4:] > 1e-4)
+        else:
+            assert np.all(changed > 1e-4)
+        other = m.apply(v, x, None, jnp.array([1, 0]))  # the label conditions every position
+        assert np.all(np.abs(np.asarray(other - out)).max(axis=(0, 2)) > 1e-4)
+
+
+def test_token_network_bad_input_is_one_line():
+    m = TokenTransformer(vocab_size=5, seq_len=4, hidden_size=16, depth=1, num_heads=2)
+    x = jnp.zeros((1, 4), jnp.int32)
+    v = m.init(jax.random.PRNGKey(0), x)
+    for bad, msg in ((x.at[0, 1].set(6), "tokens: id 6 is outside [0, 5] (5 = mask id)"),
+                     (x.at[0, 0].set(-1), "tokens: id -1 is outside"),
+                     (jnp.zeros((1, 5), jnp.int32), "length 5, longer than the model's "
+                                                     "seq_len=4")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            m.apply(v, bad)
+    with pytest.raises(ValueError, match="tokens must be integer token ids, got dtype float32"):
+        check_tokens(jnp.zeros((1, 4)), 5, allow_mask=True)
+    causal = TokenTransformer(vocab_size=5, seq_len=4, hidden_size=16, depth=1, num_heads=2,
+                              causal=True)
+    with pytest.raises(ValueError, match=r"tokens: mask id 5 is not allowed here"):
+        causal.apply(causal.init(jax.random.PRNGKey(0), x), x.at[0, 2].set(5))
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    """A 3-step masked run and a 3-step autoregressive run on the digits as tokens."""
+    root = tmp_path_factory.mktemp("tokens")
+    runs = {}
+    for variant in ("masked", "ar"):
+        workdir = root / variant
+        code, err = here(None, "train", f"--config=configs/digits_tokens.py:{variant}", *TINY,
+                         f"--workdir={workdir}")
+        assert code in (0, None), err[-2000:]
+        runs[variant] = str(workdir)
+    return runs
+
+
+@pytest.mark.parametrize("variant", ["masked", "ar"])
+def test_digits_token_run_reports_and_samples(digits_runs, variant, tmp_path, capfd):
+    workdir = digits_runs[variant]
+    report = json.load(open(os.path.join(workdir, "report.json")))
+    assert report["step"] == 3 and report["num_samples"] == 10
+    assert report["process"] == ("autoregressive" if variant == "ar" else "masked")
+    assert report["nfe"] == 64  # first-hitting / AR: one call per token
+    # an untrained model is near uniform over 17 levels: log2(17) = 4.09 bits per token
+    assert 3.0 < report["bits_per_token"] < 6.0 and 0 < report["bits_per_token_se"] < 0.5
+    assert report["bits_per_token_split"] == "test"
+    assert 0 <= report["classifier_agreement"] <= 1 and report["fd"] > 0
+    assert 0 < report["sample_unigram_entropy_bits"] <= np.log2(17) + 1e-6
+    grid = Image.open(os.path.join(workdir, "samples", "step_0000003.png"))
+    assert grid.size[0] > grid.size[1] > 0  # 10 columns (one per digit) over 1 row
+    rows = [json.loads(r) for r in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["bpt"] == pytest.approx(r["loss"] / np.log(2), rel=1e-5) for r in rows)
+    out = tmp_path / "s.png"
+    code, err = here(capfd, "sample", f"--workdir={workdir}", f"--out={out}", "--num=7",
+                     "--class=3")
+    assert code in (0, None), err
+    z = np.load(tmp_path / "s.npz")
+    assert z["tokens"].shape == (7, 64) and z["tokens"].min() >= 0 and z["tokens"].max() <= 16
+    assert (z["labels"] == 3).all() and os.path.exists(out)
+
+
+def test_text_run_writes_text_samples(tmp_path):
+    workdir = tmp_path / "ar"
+    code, err = here(None, "train", "--config=configs/shakespeare.py:ar", *TINY,
+                     "--config.train.num_samples=2", f"--workdir={workdir}")
+    assert code in (0, None), err[-2000:]
+    text = open(workdir / "samples" / "step_0000003.txt").read()
+    assert text.count("--- sample") == 2
+    report = json.load(open(workdir / "report.json"))
+    # near uniform over the 78 characters: log2(78) = 6.3 bits
+    assert 5.0 < report["bits_per_token"] < 7.5 and report["bits_per_token_split"] == "validation"
+    assert "fd" not in report and "classifier_agreement" not in report
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("data.name", "digits", "process.name='masked' is a token process; data.name='digits' holds "
+                            "images or vectors"),
+    ("model.name", "dit", "model.name='dit' cannot take the tokens of data.name="
+                          "'digits_tokens'; allowed: 'token_transformer'"),
+    ("model.seq_len", 64, "model.seq_len is set by the run"),
+    ("sampler.name", "dpmpp_2m", "sampler.name='dpmpp_2m' is unknown for process.name='masked'"),
+    ("sampler.options", {"nope": 1}, "sampler.options.nope is not an option of sampler "
+                                     "'first_hitting'"),
+    ("process.schedule", "sqrt", "schedule='sqrt'"),
+    ("process.eps", 0.1, "process.eps is not a setting of process.name='masked'"),
+    ("loss.prediction", "eps", "loss.prediction is not a config key; allowed in loss: "
+                               "p_uncond"),
+    ("model.num_classes", 3, "model.num_classes=3 does not match the 10 classes"),
+])
+def test_bad_token_configs_are_one_line(key, value, msg):
+    c = config("digits_tokens")
+    section, name = key.split(".")
+    with c.unlocked():
+        c[section][name] = value
+    with pytest.raises(ValueError, match=None) as e:
+        validate.check_config(c)
+    assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_autoregressive_run_takes_only_its_sampler():
+    c = config("shakespeare", "ar")
+    c.sampler.name = "first_hitting"
+    with pytest.raises(ValueError, match="sampler.name='first_hitting': process.name="
+                                         "'autoregressive' samples one token per call"):
+        validate.check_config(c)
