@@ -6,7 +6,7 @@ BASE := $(VENV)/.installed-base
 FULL := $(VENV)/.installed-test
 DEMO_DIR ?= runs/digits
 
-.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching bench-quantization bench-distillation bench-inverse bench-steering bench-pretrained clean
+.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching bench-quantization bench-distillation bench-inverse bench-steering bench-pretrained bench-discrete clean
 
 $(BASE): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,12 @@ bench-steering: testbed
 # benchmarks/out/pretrained.json). ~30 min on 2 cores.
 bench-pretrained: $(FULL)
 	$(BIN)/python benchmarks/pretrained.py
+
+# Discrete (masked) diffusion: digits as tokens (samplers vs steps, against the testbed UNet),
+# Shakespeare characters (masked vs autoregressive bits per character, float32 vs exact Gumbel,
+# first-hitting vs ancestral speed); benchmarks/out/discrete/, benchmarks/discrete.png. ~1.5 h.
+bench-discrete: testbed
+	$(BIN)/python benchmarks/discrete.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

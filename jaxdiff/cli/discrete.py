@@ -101,10 +101,11 @@ def draw_tokens(config, model, process, params, *, num, seed, sampler=None, step
     return np.asarray(tokens), y, int(nfe)
 
 
-def bits_per_token(config, model, process, params, split, *, num=REPORT_SEQUENCES, seed=0):
+def bits_per_token(config, model, process, params, split, *, num=REPORT_SEQUENCES, seed=0,
+                   samples=REPORT_SAMPLES):
     """(mean, standard error) of the held-out bits per token of the first `num` sequences of
     `split`, under the unconditional model (a class-conditional network gets the null label):
-    the NELBO of a diffusion model (`REPORT_SAMPLES` draws each, the process's default
+    the NELBO of a diffusion model (`samples` draws each, the process's default
     estimator: masked "count", uniform "time"), the exact -log2 p(x) of the autoregressive one."""
     x, _ = discrete_data.dataset_arrays(config.data.name, split)
     x = x[:num]
@@ -116,7 +117,7 @@ def bits_per_token(config, model, process, params, split, *, num=REPORT_SEQUENCE
         return float(bits.mean()), float(bits.std(ddof=1) / math.sqrt(len(bits)))
     return process.bits_per_token(objectives.denoiser_of(model, params), x,
                                   jax.random.key(seed), batch_size=64,
-                                  num_samples=REPORT_SAMPLES)
+                                  num_samples=samples)
 
 
 def save_samples(config, path, tokens, labels):
