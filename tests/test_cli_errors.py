@@ -100,7 +100,8 @@ CASES = [
     pytest.param(["sample", "--workdir={R}", "--out={S}/afile/grid.png"],
                  "--out={S}/afile/grid.png: {S}/afile is a file", id="out-under-a-file"),
     pytest.param(["sample", "--workdir={R}", "--out={S}/grid.jpg"],
-                 "--out={S}/grid.jpg: sample writes .png files; allowed: a name ending in .png",
+                 "--out={S}/grid.jpg: sample writes .png or .txt files; allowed: a name ending in "
+                 ".png or .txt",
                  id="out-not-png"),
     pytest.param(["sample", "--workdir={R}", f"--num={HUGE}"],
                  f"--num={HUGE}: the samples would take at least", id="sample-num-too-large"),

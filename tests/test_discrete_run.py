@@ -125,7 +125,7 @@ def test_digits_token_run_reports_and_samples(digits_runs, variant, tmp_path, ca
     assert (z["labels"] == 3).all() and os.path.exists(out)
 
 
-def test_text_run_writes_text_samples(tmp_path):
+def test_text_run_writes_text_samples(tmp_path, capfd):
     workdir = tmp_path / "ar"
     code, err = here(None, "train", "--config=configs/shakespeare.py:ar", *TINY,
                      "--config.train.num_samples=2", f"--workdir={workdir}")
@@ -136,6 +136,14 @@ def test_text_run_writes_text_samples(tmp_path):
     # near uniform over the 78 characters: log2(78) = 6.3 bits
     assert 5.0 < report["bits_per_token"] < 7.5 and report["bits_per_token_split"] == "validation"
     assert "fd" not in report and "classifier_agreement" not in report
+    code, err = here(capfd, "sample", f"--workdir={workdir}", f"--out={tmp_path / 's.txt'}",
+                     "--num=3")
+    assert code in (0, None), err
+    assert open(tmp_path / "s.txt").read().count("--- sample") == 3
+    assert np.load(tmp_path / "s.npz")["tokens"].shape == (3, 128)
+    code, err = here(capfd, "sample", f"--workdir={workdir}", f"--out={tmp_path / 's.png'}")
+    assert code == 1 and ("s.png: this run's samples are .txt files (text); allowed: a name "
+                          "ending in .txt") in err
 
 
 @pytest.mark.parametrize("key,value,msg", [

@@ -60,14 +60,15 @@ def _close(a, b):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cli_env):
     """`reference(step)`: (params, EMA params) after `step` steps of one uninterrupted run in one
-    process on 4 devices, which keeps a checkpoint of every third step (12 steps at first;
-    resumed further on demand): every run below ends at a multiple of 3."""
+    process on 4 devices, which keeps a checkpoint of every third step (at first to `step` + 3,
+    and at least 12: the test asks for `end` and then `end` + 3, one run; resumed further on
+    demand): every run below ends at a multiple of 3."""
     workdir = tmp_path_factory.mktemp("reference")
     every = ["--config.train.keep=1000"]  # ARGS: a checkpoint every 3 steps
 
     def at(step):
         if step > max(_runs.steps(workdir), default=0):
-            _run(cli_env, 1, 4, workdir, steps=max(step, 12), extra=every)
+            _run(cli_env, 1, 4, workdir, steps=max(step + 3, 12), extra=every)
         got, params = _params(workdir, step)
         assert got == step
         return params

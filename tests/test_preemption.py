@@ -76,48 +76,54 @@ def _next_batch(data_state=None, skip=0):
     return jax.tree.map(np.asarray, next(it))
 
 
-@pytest.fixture(scope="module")
-def reference(cli_env, tmp_path_factory):
-    """Final (train state, data state) of an uninterrupted run."""
-    workdir = tmp_path_factory.mktemp("whole")
-    out = cli(cli_env, "train", *RUN, "--config.train.ckpt_every=8", f"--workdir={workdir}")
-    assert out.returncode == 0, out.stderr[-2000:]
+def _reference(proc, workdir, err):
+    """Final (train state, data state) of the uninterrupted run `proc` (started by `start`,
+    its stderr to the file `err`)."""
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, err.read_text()[-2000:]
     step, last = final(workdir)
     assert step == STEPS
     logged_once(workdir, list(range(4, STEPS + 1, 4)))
     return last
 
 
-def test_sigterm_and_random_kills_resume_bit_identically(cli_env, reference, tmp_path):
+def test_sigterm_and_random_kills_resume_bit_identically(cli_env, tmp_path):
     """One run stopped every way, then finished: a SIGTERM first (it saves the step it stopped
     at, off the checkpoint grid of every 4th step, and exits 0), then SIGKILL at random moments
     (in steps, saves and deletions alike: a checkpoint every step); every committed checkpoint
-    stays readable; the resumed run ends identical to the uninterrupted one. KILLS kills (each
-    restart costs a process start) before step STEPS - 6."""
-    args = ["train", *RUN, "--config.train.ckpt_every=4", f"--workdir={tmp_path}"]
+    stays readable; the resumed run ends identical to the uninterrupted one, which runs
+    alongside the kills (started once the first run compiled the train step into the module's
+    cache, `cli_env`). KILLS kills (each restart costs a process start) before step STEPS - 6."""
+    whole = tmp_path / "whole"  # the uninterrupted run
+    run = tmp_path / "run"
+    args = ["train", *RUN, "--config.train.ckpt_every=4", f"--workdir={run}"]
     proc = start(cli_env, *args, stderr=subprocess.PIPE)
-    _wait_for_step(proc, tmp_path, 3)  # the loop is running
+    _wait_for_step(proc, run, 3)  # the loop is running
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    stopped = steps(tmp_path)[-1]
+    stopped = steps(run)[-1]
     assert 4 <= stopped < STEPS - 6, "stopped too late to test a resume"
     assert (f"stopped at step {stopped} on SIGTERM; checkpoint step {stopped} is in "
-            f"{tmp_path / 'checkpoints'}; rerun the same command to resume") in err
-    args = ["train", *RUN, "--config.train.ckpt_every=1", f"--workdir={tmp_path}"]
+            f"{run / 'checkpoints'}; rerun the same command to resume") in err
+    with open(tmp_path / "whole.err", "w") as err:  # a file: a full pipe would block it
+        reference = start(cli_env, "train", *RUN, "--config.train.ckpt_every=8",
+                          f"--workdir={whole}", stderr=err)
+    args = ["train", *RUN, "--config.train.ckpt_every=1", f"--workdir={run}"]
     rng, kills = random.Random(0), 0
-    while kills < KILLS and (steps(tmp_path) or [0])[-1] < STEPS - 6:
+    while kills < KILLS and (steps(run) or [0])[-1] < STEPS - 6:
         proc = start(cli_env, *args)
-        _wait_for_step(proc, tmp_path, (steps(tmp_path) or [0])[-1])  # progress, then kill
+        _wait_for_step(proc, run, (steps(run) or [0])[-1])  # progress, then kill
         time.sleep(rng.uniform(0.0, 0.8))
         kill(proc)
         kills += 1
-        assert read_all(tmp_path), "no checkpoint"  # and every listed one restores
+        assert read_all(run), "no checkpoint"  # and every listed one restores
     assert kills >= KILLS, f"only {kills} kills before the run got near its end"
     last = cli(cli_env, *args)
     assert last.returncode == 0, last.stderr[-2000:]
-    step, (state, data_state) = final(tmp_path)
+    reference = _reference(reference, whole, tmp_path / "whole.err")
+    step, (state, data_state) = final(run)
     assert step == STEPS and same(state, reference[0]), "resumed run differs"
     assert data_state == reference[1]  # the data position too: the next batch is the same
     assert same(_next_batch(data_state), _next_batch(skip=STEPS))  # batch STEPS + 1
-    logged_once(tmp_path, list(range(4, STEPS + 1, 4)))
+    logged_once(run, list(range(4, STEPS + 1, 4)))

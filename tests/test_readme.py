@@ -16,6 +16,7 @@ def test_readme_python_blocks_run(capsys):
     shape, spread = lines[0].split(") ")
     assert shape == "(512, 2" and abs(float(spread) - 1.0) < 0.05  # both modes at |x0| = 1
     assert abs(float(lines[1]) - 1.0) < 0.05  # guided to class 1's mode
+    assert "(4, 64) 64 4.087" in lines  # discrete: a uniform model's log2(17) bits per token
 
 
 def test_readme_names_only_files_and_make_targets_that_exist():

@@ -237,7 +237,12 @@ def _sample(run):
         return
     check_memory("--num", num, config, "the samples")
     scheduler = None if FLAGS.scheduler_config is None else _scheduler_config()
-    run.sample(config, FLAGS.workdir, out=out_path("sample"), num=num, seed=FLAGS.seed,
+    out = out_path("sample")
+    if FLAGS.out is None:  # the default name, of the run's kind (a text token run: .txt)
+        from jaxdiff.cli.discrete import sample_extension
+
+        out = os.path.splitext(out)[0] + sample_extension(config)
+    run.sample(config, FLAGS.workdir, out=out, num=num, seed=FLAGS.seed,
                sampler=FLAGS.sampler, steps=steps, label=FLAGS["class"].value,
                guidance=FLAGS.guidance, sampler_file=FLAGS.sampler_file,
                scheduler_config=scheduler, cache=FLAGS.cache, quantized=FLAGS.quantized)

@@ -411,6 +411,11 @@ def sample(config, workdir, *, out, num, seed, sampler=None, steps=None, label=N
 
     `quantized`: the directory of a quantized checkpoint of this run (`jaxdiff quantize`),
     sampled instead of the EMA params."""
+    kind = discrete_cli.sample_extension(config)
+    if os.path.splitext(out)[1].lower() != kind:
+        raise ValueError(f"--out={out}: this run's samples are {kind} files "
+                         f"({'text' if kind == '.txt' else 'images'}); allowed: a name ending in "
+                         f"{kind}")
     if build.is_discrete(config):
         return _sample_tokens(config, workdir, out=out, num=num, seed=seed, sampler=sampler,
                               steps=steps, label=label, guidance=guidance,
@@ -454,8 +459,7 @@ def _sample_tokens(config, workdir, *, out, num, seed, sampler, steps, label, gu
     discrete_cli.save_samples(config, base, tokens, labels)
     if jax.process_index() == 0:
         np.savez(base + ".npz", tokens=tokens, labels=np.zeros(0) if labels is None else labels)
-        kind = ".png" if config.data.name == discrete_cli.DIGITS_TOKENS else ".txt"
-        print(f"wrote {base + kind} ({num} samples, step {step}, {nfe} network calls each)")
+        print(f"wrote {out} ({num} samples, step {step}, {nfe} network calls each)")
 
 
 def quantized_name(scheme, calibration, groups, lowrank=0):

@@ -120,6 +120,12 @@ def bits_per_token(config, model, process, params, split, *, num=REPORT_SEQUENCE
                                   num_samples=samples)
 
 
+def sample_extension(config):
+    """What `jaxdiff sample` writes for a run: ".txt" for a text token run, else ".png"."""
+    text = build.is_discrete(config) and config.data.name != DIGITS_TOKENS
+    return ".txt" if text else ".png"
+
+
 def save_samples(config, path, tokens, labels):
     """Digits: a PNG grid (K columns for a class-conditional model); text: a .txt file, one
     sample per paragraph."""

@@ -64,7 +64,8 @@ METRICS = ("fd", "pr", "nll")
 # they agree)
 FEATURES = ("digits", "inception", "raw")
 DIVERGENCES = ("auto", "exact", "hutchinson")
-OUT_EXTENSIONS = {"sample": ".png", "plot": ".png", "eval": ".json"}  # eval sweep: a prefix
+# eval sweep: a prefix; sample: .txt for a text token run (jaxdiff.cli.discrete)
+OUT_EXTENSIONS = {"sample": (".png", ".txt"), "plot": (".png",), "eval": (".json",)}
 MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed; samplers use seed + 1
 
 
@@ -324,11 +325,11 @@ def _check_paths(command):
         if workdir is not None:
             _check_writable("--workdir", workdir, workdir)
         return
-    out, ext = FLAGS.out, OUT_EXTENSIONS.get(command)
+    out, exts = FLAGS.out, OUT_EXTENSIONS.get(command)
     if out is not None:
-        if ext is not None and os.path.splitext(out)[1].lower() != ext:
-            raise ValueError(f"--out={out}: {command} writes {ext} files; allowed: a name "
-                             f"ending in {ext}")
+        if exts is not None and os.path.splitext(out)[1].lower() not in exts:
+            raise ValueError(f"--out={out}: {command} writes {' or '.join(exts)} files; "
+                             f"allowed: a name ending in {' or '.join(exts)}")
         if os.path.isdir(out):
             raise ValueError(f"--out={out} is a directory; expected a file name")
         _check_writable("--out", out, os.path.dirname(os.path.abspath(out)), create=False)
