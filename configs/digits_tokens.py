@@ -31,7 +31,7 @@ def get_config(variant="masked"):
     c.optim = dict(lr=1e-3, warmup_steps=200, schedule="cosine", weight_decay=0.0,
                    grad_clip=1.0, ema_decays=(0.999,))
     c.data = dict(name="digits_tokens", batch_size=64, random_flip=False, data_dir=None)
-    c.train = dict(steps=3000, seed=0, log_every=100, ckpt_every=1000, keep=2, sample_every=0,
+    c.train = dict(steps=2000, seed=0, log_every=100, ckpt_every=500, keep=2, sample_every=0,
                    num_samples=100, skip_nonfinite=False)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     if variant == "ar":

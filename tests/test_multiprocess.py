@@ -60,9 +60,9 @@ def _close(a, b):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cli_env):
     """`reference(step)`: (params, EMA params) after `step` steps of one uninterrupted run in one
-    process on 4 devices, which keeps a checkpoint of every third step (at first to `step` + 3,
-    and at least 12: the test asks for `end` and then `end` + 3, one run; resumed further on
-    demand): every run below ends at a multiple of 3."""
+    process on 4 devices, which keeps a checkpoint of every third step: every run below ends at
+    a multiple of 3. Run at first to `step` + 3 (at least 12 steps): the test asks for `end`
+    and then `end` + 3, which one process start serves; resumed further on demand."""
     workdir = tmp_path_factory.mktemp("reference")
     every = ["--config.train.keep=1000"]  # ARGS: a checkpoint every 3 steps
 
