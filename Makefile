@@ -37,7 +37,7 @@ demo:
 
 # The test command of the README and of CI.
 test: $(FULL)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 lint: $(FULL)
 	$(BIN)/ruff check jaxdiff tests benchmarks configs

@@ -160,6 +160,8 @@ def test_text_run_writes_text_samples(tmp_path, capfd):
     ("loss.prediction", "eps", "loss.prediction is not a config key; allowed in loss: "
                                "p_uncond"),
     ("model.num_classes", 3, "model.num_classes=3 does not match the 10 classes"),
+    ("loss.estimator", "bogus", "loss.estimator='bogus' does not apply to process.name="
+                                "'masked'; allowed: count, time"),
 ])
 def test_bad_token_configs_are_one_line(key, value, msg):
     c = config("digits_tokens")
@@ -171,9 +173,40 @@ def test_bad_token_configs_are_one_line(key, value, msg):
     assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_autoregressive_run_takes_only_its_sampler():
+def test_autoregressive_run_takes_only_its_sampler_and_no_estimator():
     c = config("shakespeare", "ar")
+    with c.unlocked():
+        c.loss.estimator = "count"
+    with pytest.raises(ValueError, match="loss.estimator='count' does not apply to process.name="
+                                         r"'autoregressive'; allowed: None \(the exact"):
+        validate.check_config(c)
+    del c.loss["estimator"]
     c.sampler.name = "first_hitting"
     with pytest.raises(ValueError, match="sampler.name='first_hitting': process.name="
                                          "'autoregressive' samples one token per call"):
         validate.check_config(c)
+
+
+@pytest.mark.parametrize("kind", ["masked-time", "masked-count", "uniform", "ar"])
+def test_objectives_give_finite_losses_and_gradients(kind):
+    from jaxdiff.discrete import MaskedProcess, UniformProcess, objectives
+
+    V, L = 6, 8
+    m = TokenTransformer(vocab_size=V, seq_len=L, hidden_size=16, depth=1, num_heads=2,
+                         causal=kind == "ar", time_conditioning=kind == "uniform")
+    x = jax.random.randint(jax.random.key(0), (4, L), 0, V)
+    params = m.init(jax.random.PRNGKey(0), x, jnp.zeros(4))["params"]
+    if kind == "ar":
+        obj = objectives.autoregressive_objective(m)
+    else:
+        process = UniformProcess(V) if kind == "uniform" else MaskedProcess(V)
+        obj = objectives.diffusion_objective(m, process, estimator=kind.split("-")[-1]
+                                             if kind != "uniform" else "time")
+    (loss, aux), grads = jax.value_and_grad(obj, has_aux=True)(params, {"x": x},
+                                                               jax.random.key(1))
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    assert float(aux["bpt"]) == pytest.approx(float(loss) / np.log(2))
+    norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and max(norms) > 0
+    if kind == "ar":  # zero-initialised output: uniform predictions, log(V) nats per token
+        assert float(loss) == pytest.approx(np.log(V), rel=1e-5)

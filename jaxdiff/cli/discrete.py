@@ -38,7 +38,8 @@ def train_objective(config, model, process):
     K, p = _classes(config), float(config.loss.p_uncond)
     if process is None:
         return objectives.autoregressive_objective(model, num_classes=K, p_uncond=p)
-    return objectives.diffusion_objective(model, process, num_classes=K, p_uncond=p)
+    return objectives.diffusion_objective(model, process, num_classes=K, p_uncond=p,
+                                          estimator=config.loss.get("estimator") or "time")
 
 
 def _classes(config):

@@ -48,13 +48,13 @@ KEYS = {  # the sections with a fixed set of keys (model and process fields depe
     "mesh": tuple(parallel.AXES),
 }
 # distill, teacher: a student's (jaxdiff.distill); data.latents: a latent run's
-OPTIONAL = {"data.latent_shape", "data.latents", "train.skip_nonfinite", "mesh.data",
+OPTIONAL = {"loss.estimator", "data.latent_shape", "data.latents", "train.skip_nonfinite", "mesh.data",
             "mesh.fsdp", "mesh.tensor", "sampler.cache", "distill", "teacher"}
 # an autoencoder run (build.is_autoencoder): no process or sampler, its own loss keys
 AUTOENCODER_SECTIONS = ("model", "loss", "optim", "data", "train", "mesh")
 AUTOENCODER_LOSS = ("reconstruction", "kl_weight")
 # a token run (build.is_discrete): its loss and sampler keys
-DISCRETE_LOSS = ("p_uncond",)
+DISCRETE_LOSS = ("p_uncond", "estimator")
 DISCRETE_SAMPLER = ("name", "steps", "guidance", "options")
 LOOP_KEYS = {"total_steps": "train.steps", "log_every": "train.log_every",  # check_loop's names
              "ckpt_every": "train.ckpt_every", "keep": "train.keep",
@@ -340,6 +340,11 @@ def _check_discrete(config, info):
         line = _line(e)
         raise ValueError(line if line.startswith("model.") else
                          f"model (name={config.model.name!r}): {line}") from None
+    est = config.loss.get("estimator")
+    allowed = () if process is None else process.ESTIMATORS
+    if est is not None and est not in allowed:
+        raise ValueError(f"loss.estimator={est!r} does not apply to process.name={p!r}; "
+                         f"allowed: {', '.join(allowed) or 'None (the exact likelihood)'}")
     s = config.sampler
     if process is None:
         if s.name != "autoregressive":

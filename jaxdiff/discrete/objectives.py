@@ -35,14 +35,16 @@ def denoiser_of(model, params, y=None):
     return lambda xt, t: model.apply({"params": params}, xt, t, y)
 
 
-def diffusion_objective(model, process, *, num_classes=0, p_uncond=0.1):
-    """The process's NELBO per token (nats) of `model` (a `TokenTransformer` taking masks)."""
+def diffusion_objective(model, process, *, num_classes=0, p_uncond=0.1, estimator="time"):
+    """The process's NELBO per token (nats) of `model` (a `TokenTransformer` taking masks), by
+    `process.loss`'s `estimator` ("time", or for a masked process "count")."""
 
     def objective(params, batch, key, frozen=None):
         k_loss, k_label = jax.random.split(key)
         y = _labels(batch, k_label, num_classes, p_uncond)
         x0 = batch["x"]
-        nelbo = process.loss(denoiser_of(model, params, y), x0, k_loss)  # (B,) nats
+        nelbo = process.loss(denoiser_of(model, params, y), x0, k_loss,
+                             estimator=estimator)  # (B,) nats
         loss = jnp.mean(nelbo) / x0.shape[-1]
         return loss, {"bpt": loss / LN2}
 
