@@ -47,9 +47,10 @@ KEYS = {  # the sections with a fixed set of keys (model and process fields depe
               "skip_nonfinite"),
     "mesh": tuple(parallel.AXES),
 }
-# distill, teacher: a student's (jaxdiff.distill); data.latents: a latent run's
-OPTIONAL = {"loss.estimator", "data.latent_shape", "data.latents", "train.skip_nonfinite", "mesh.data",
-            "mesh.fsdp", "mesh.tensor", "sampler.cache", "distill", "teacher"}
+# distill, teacher: a student's (jaxdiff.distill); data.latents: a latent run's; loss.estimator:
+# a token run's
+OPTIONAL = {"data.latent_shape", "data.latents", "train.skip_nonfinite", "mesh.data",
+            "mesh.fsdp", "mesh.tensor", "sampler.cache", "distill", "teacher", "loss.estimator"}
 # an autoencoder run (build.is_autoencoder): no process or sampler, its own loss keys
 AUTOENCODER_SECTIONS = ("model", "loss", "optim", "data", "train", "mesh")
 AUTOENCODER_LOSS = ("reconstruction", "kl_weight")
