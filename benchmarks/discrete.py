@@ -91,10 +91,11 @@ class Rows:
 
 
 def _timed(fn, *args):
-    """(result, seconds) of fn(*args) after one warm-up call (no compilation in the time)."""
-    jax.block_until_ready(fn(*args))
+    """(result, seconds) of one call of the jitted `fn`, compiled ahead (no compilation in the
+    time)."""
+    compiled = fn.lower(*args).compile()
     t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
+    out = jax.block_until_ready(compiled(*args))
     return out, time.perf_counter() - t0
 
 
@@ -102,9 +103,9 @@ def _timed(fn, *args):
 
 
 DIGIT_SAMPLERS = (("first_hitting", 64, {}),
-                  *(("ancestral", s, {}) for s in (8, 16, 32, 64, 128, 1000)),
-                  *(("confidence", s, {}) for s in (4, 8, 16, 32, 64)),
-                  ("block", 16, dict(block_size=16)), ("block", 32, dict(block_size=16)))
+                  *(("ancestral", s, {}) for s in (8, 16, 32, 64)),
+                  *(("confidence", s, {}) for s in (4, 8, 16, 32)),
+                  ("block", 16, dict(block_size=16)))
 UNET_STEPS = (2, 4, 8, 16, 32)
 
 
@@ -120,7 +121,7 @@ def digits_part(out, num, quick, suffix):
     y = jnp.asarray(np.arange(num) % 10, jnp.int32)
     den = discrete_cli.guided_denoiser(model, params, y, 1.0, 10)
     results = []
-    settings = DIGIT_SAMPLERS[:3] + DIGIT_SAMPLERS[8:9] if quick else DIGIT_SAMPLERS
+    settings = DIGIT_SAMPLERS[:3] + DIGIT_SAMPLERS[6:7] if quick else DIGIT_SAMPLERS
     for name, steps, opts in settings:
         def make(name=name, steps=steps, opts=opts):
             run = jax.jit(lambda k: discrete.sample(den, process, k, sampler=name, batch=num,
@@ -136,7 +137,7 @@ def digits_part(out, num, quick, suffix):
     for steps in UNET_STEPS[:2] if quick else UNET_STEPS:
         def make(steps=steps):
             fn = lambda: testbed.sample(tb, num=num, sampler="dpmpp_2m", steps=steps)  # noqa
-            fn()
+            fn()  # compiles
             t0 = time.perf_counter()
             x, labels = fn()
             dt = time.perf_counter() - t0
@@ -212,17 +213,20 @@ def text_part(out, num, quick, suffix, elbo_samples):
             _log(f"ancestral {steps} {gumbel}: {r}")
             results.append(r)
 
+    n_speed = min(num, 16)  # a batch of 16: 1000 uncached steps cost 1000 network calls
+
     def speed(sampler, steps, cache):
         def make():
             opts = {} if sampler != "ancestral" else dict(cache=cache)
             run = jax.jit(lambda k: discrete.sample(den, process, k, sampler=sampler,
-                                                    batch=num, length=L, steps=steps, **opts))
+                                                    batch=n_speed, length=L, steps=steps,
+                                                    **opts))
             (tokens, nfe), dt = _timed(run, jax.random.key(2))
             p, se, h = gen_ppl(np.asarray(tokens))
             return dict(gen_ppl=p, log_se=se, entropy=h, nfe=int(nfe), seconds=dt,
-                        tokens_per_s=num * L / dt)
-        r = rows.get(dict(what="speed", sampler=sampler, steps=steps, cache=cache, num=num),
-                     make)
+                        tokens_per_s=n_speed * L / dt)
+        r = rows.get(dict(what="speed", sampler=sampler, steps=steps, cache=cache,
+                          num=n_speed), make)
         _log(f"speed {sampler}/{steps} cache={cache}: {r}")
         return r
 
@@ -232,14 +236,15 @@ def text_part(out, num, quick, suffix, elbo_samples):
             speed("confidence", 32, True)]
 
     def ar_samples():
-        run = jax.jit(lambda k: objectives.autoregressive_sample(ar, pa, k, batch=num,
+        run = jax.jit(lambda k: objectives.autoregressive_sample(ar, pa, k, batch=n_speed,
                                                                  length=L))
         tokens, dt = _timed(run, jax.random.key(3))
         p, se, h = gen_ppl(np.asarray(tokens))
         return dict(gen_ppl=p, log_se=se, entropy=h, nfe=L, seconds=dt,
-                    tokens_per_s=num * L / dt)
+                    tokens_per_s=n_speed * L / dt)
 
-    fast.append(rows.get(dict(what="speed", sampler="autoregressive", num=num), ar_samples))
+    fast.append(rows.get(dict(what="speed", sampler="autoregressive", num=n_speed),
+                         ar_samples))
     return like, ref, results, fast
 
 

@@ -210,3 +210,20 @@ def test_objectives_give_finite_losses_and_gradients(kind):
     assert all(np.isfinite(norms)) and max(norms) > 0
     if kind == "ar":  # zero-initialised output: uniform predictions, log(V) nats per token
         assert float(loss) == pytest.approx(np.log(V), rel=1e-5)
+
+
+def test_sincos_positions_are_fixed_and_bad_choice_is_one_line():
+    from jaxdiff.models.token_transformer import sincos_pos_embed_1d
+
+    pe = sincos_pos_embed_1d(8, 5)
+    assert pe.shape == (5, 8) and np.allclose(pe[0], [0, 0, 0, 0, 1, 1, 1, 1])
+    assert np.allclose(pe[:, :4] ** 2 + pe[:, 4:] ** 2, 1.0)
+    x = jnp.zeros((1, 4), jnp.int32)
+    m = TokenTransformer(vocab_size=5, seq_len=4, hidden_size=8, depth=1, num_heads=2,
+                         pos_embed="sincos")
+    params = m.init(jax.random.PRNGKey(0), x)["params"]
+    assert "pos_embed" not in params and m.apply({"params": params}, x).shape == (1, 4, 5)
+    bad = TokenTransformer(vocab_size=5, seq_len=4, hidden_size=8, depth=1, num_heads=2,
+                           pos_embed="rope")
+    with pytest.raises(ValueError, match="pos_embed='rope' is unknown; allowed: learned, sincos"):
+        bad.init(jax.random.PRNGKey(0), x)

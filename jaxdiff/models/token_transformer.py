@@ -60,6 +60,15 @@ def check_tokens(x, vocab_size, *, allow_mask, seq_len=None, what="tokens"):
                          f"{vocab_size}")
 
 
+def sincos_pos_embed_1d(dim, length):
+    """(length, dim) fixed features [sin(p w_i), cos(p w_i)], w_i = 10000^(-2i/dim)."""
+    if dim % 2:
+        raise ValueError(f"hidden_size={dim} must be even for the sin-cos position embedding")
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+    out = np.arange(length, dtype=np.float64)[:, None] * omega[None]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32)
+
+
 class TokenTransformer(nn.Module):
     """`__call__(x, t=None, y=None, *, train=False)`: x int (B, L) ids in [0, V] (V = the mask
     id; a causal model takes no masks), L <= seq_len; t (B,) or () in [0, 1], read only with
@@ -76,6 +85,9 @@ class TokenTransformer(nn.Module):
     class_dropout_prob: float = 0.1
     causal: bool = False
     time_conditioning: bool = False
+    # "learned" (a table, init N(0, 0.02)) or "sincos" (fixed 1-D sin-cos features, amplitude 1,
+    # as DiT's 2-D ones): position information the blocks can use from the first step
+    pos_embed: str = "learned"
     remat: bool = False
     attention_impl: str | None = None
     dtype: Any = jnp.float32
@@ -96,9 +108,15 @@ class TokenTransformer(nn.Module):
                                                         ("vocab", "embed")))
         h = embed(self.vocab_size + 1, "token_embedder")(x)  # (B, L, D)
         h = jnp.concatenate([self._condition(y, B)[:, None].astype(h.dtype), h], axis=1)
-        pos = self.param("pos_embed", nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), (None, "embed")), (self.seq_len + 1, D),
-            self.param_dtype)
+        if self.pos_embed == "sincos":
+            pos = sincos_pos_embed_1d(D, self.seq_len + 1)
+        elif self.pos_embed == "learned":
+            pos = self.param("pos_embed", nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), (None, "embed")), (self.seq_len + 1, D),
+                self.param_dtype)
+        else:
+            raise ValueError(f"pos_embed={self.pos_embed!r} is unknown; allowed: learned, "
+                             "sincos")
         h = h + jnp.asarray(pos[:L + 1], self.dtype)[None]
         if self.time_conditioning:
             tt = jnp.broadcast_to(jnp.asarray(0.0 if t is None else t, jnp.float32), (B,))
