@@ -424,3 +424,16 @@ def test_uniform_ancestral_draws_the_joint():
     with pytest.raises(ValueError, match="process must be a UniformProcess, got MaskedProcess"):
         S.uniform_ancestral(ideal_masked, MaskedProcess(V), jax.random.key(0), batch=1,
                             length=L, steps=2)
+
+
+@pytest.mark.parametrize("steps", [1000, 999])
+def test_ancestral_fills_every_mask_for_any_step_count(steps):
+    """1000 * float32(1/1000) rounds above 1: the grid must still end at t = 0 exactly."""
+    p = MaskedProcess(7)
+    x, nfe = jax.jit(lambda k: S.ancestral(toy_denoiser7, p, k, batch=2, length=16,
+                                           steps=steps, cache=False))(jax.random.key(2))
+    assert int((x == 7).sum()) == 0 and int(x.max()) < 7 and int(nfe) == steps
+
+
+def toy_denoiser7(xt, t):
+    return jnp.sin(jnp.arange(7.0) + xt[..., None])

@@ -129,8 +129,9 @@ def ancestral(denoiser, process, key, *, batch, length, steps, gumbel="exact", t
 
     def step(i, carry):
         x, logits, stale, nfe, key = carry
-        t = 1.0 - i / steps
-        s = 1.0 - (i + 1) / steps
+        # (i + 1) / steps may round above 1 (1000 * float32(1/1000) > 1): clip, and end at 0
+        t = jnp.clip(1.0 - i / steps, 0.0, 1.0)
+        s = jnp.where(i + 1 >= steps, 0.0, jnp.clip(1.0 - (i + 1) / steps, 0.0, 1.0))
         tb = jnp.full((batch,), t, jnp.float32)
         if cache:
             logits = lax.cond(stale, lambda: _logits(denoiser, x, tb), lambda: logits)
