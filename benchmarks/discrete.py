@@ -22,7 +22,7 @@ the same network and training budget, a causal mask) trained through `jaxdiff tr
   cache (1000 calls) and with it, at their generative perplexities; the target is >= 5x.
 
     PYTHONPATH=$PWD:$PWD/benchmarks python benchmarks/discrete.py [--quick]
-        [--part digits|text|all] [--num N] [--out benchmarks/out]
+        [--part digits|text|all] [--num N] [--out benchmarks/out] [--from-cache]
 
 Runs live in OUT/discrete/runs/ (--quick: runs_quick/; a rerun resumes them); rows are cached in
 OUT/discrete/{digits,text}.json keyed by their settings; tables in OUT/discrete/tables.md and
@@ -330,6 +330,29 @@ def plot(digits, text, path):
     fig.savefig(path, dpi=110)
 
 
+def from_cache(out, suffix):
+    """(digits, text) as `tables` and `plot` take them, from the rows cached in OUT (None for a
+    part with no rows)."""
+    def load(name):
+        path = os.path.join(out, f"{name}{suffix}.json")
+        return list(json.load(open(path)).values()) if os.path.exists(path) else []
+
+    d, t = load("digits"), load("text")
+    digits = text = None
+    if d:
+        samples = [r for r in d if "sampler" in r]
+        bpt = next(r for r in d if r.get("what") == "test_bits_per_token")
+        digits = (samples, bpt)
+    if t:
+        pick = lambda what: [r for r in t if r.get("what") == what]  # noqa: E731
+        order = {("first_hitting", True): 0, ("ancestral", False): 1, ("ancestral", True): 2,
+                 ("confidence", True): 3}
+        fast = sorted(pick("speed"), key=lambda r: order.get((r["sampler"], r.get("cache")), 9))
+        text = (pick("validation_bpc")[0], pick("validation_reference")[0], pick("ancestral"),
+                fast)
+    return digits, text
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny runs (smoke test)")
@@ -338,14 +361,18 @@ def main(argv=None):
                     "64 texts; --quick 20)")
     ap.add_argument("--elbo-samples", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--from-cache", action="store_true",
+                    help="tables and plot from the cached rows only (no training, no sampling)")
     a = ap.parse_args(argv)
     out = os.path.join(a.out, "discrete")
     os.makedirs(out, exist_ok=True)
     suffix = "_quick" if a.quick else ""
     digits = text = None
-    if a.part in ("digits", "all"):
+    if a.from_cache:
+        digits, text = from_cache(out, suffix)
+    elif a.part in ("digits", "all"):
         digits = digits_part(out, a.num or (20 if a.quick else 500), a.quick, suffix)
-    if a.part in ("text", "all"):
+    if a.part in ("text", "all") and not a.from_cache:
         text = text_part(out, a.num or (20 if a.quick else 64), a.quick, suffix,
                          a.elbo_samples)
     md = tables(digits, text)
