@@ -7,6 +7,7 @@ import os
 import re
 import runpy
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,3 +228,25 @@ def test_sincos_positions_are_fixed_and_bad_choice_is_one_line():
                            pos_embed="rope")
     with pytest.raises(ValueError, match="pos_embed='rope' is unknown; allowed: learned, sincos"):
         bad.init(jax.random.PRNGKey(0), x)
+
+
+def test_time_agnostic_network_gates_learn_through_their_weights():
+    """A time-agnostic model's adaLN input is a learned constant (the time embedder at t = 0),
+    not zero: the adaLN-Zero modulation weights get gradient from the first step (with a zero
+    input only their biases would, and the blocks stay near identity in a short run), and the
+    output does not depend on t."""
+    V, L = 5, 6
+    m = TokenTransformer(vocab_size=V, seq_len=L, hidden_size=16, depth=1, num_heads=2)
+    x = jax.random.randint(jax.random.PRNGKey(1), (2, L), 0, V + 1)
+    params = flax.linen.meta.unbox(m.init(jax.random.PRNGKey(0), x)["params"])
+
+    def loss(p):
+        return -jax.nn.log_softmax(m.apply({"params": p}, x))[..., 0].mean()
+
+    # one step first: at init the zero output layer hides the blocks from the loss
+    p1 = jax.tree.map(lambda a, b: a - 0.1 * b, params, jax.grad(loss)(params))
+    kernel = jax.grad(loss)(p1)["blocks.0"]["adaLN_modulation.1"]["kernel"]
+    assert float(jnp.abs(kernel).max()) > 1e-6  # gates/shift/scale learn through the weights
+    a = m.apply({"params": p1}, x, jnp.full((2,), 0.9))
+    b = m.apply({"params": p1}, x, jnp.full((2,), 0.1))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -203,8 +203,9 @@ class TensorBoardWriter:
 
 class MetricsLog:
     """Scalars to `workdir/metrics.jsonl` and to TensorBoard under `workdir/tb`; a progress
-    line on stderr (step/total, loss, steps/s, ETA) at each write: redrawn in place on a
-    terminal, one line each otherwise (cluster logs).
+    line on stderr (step/total, loss, steps/s, achieved TFLOP/s and MFU when the metrics hold
+    `tflops_per_s` / `mfu`, ETA) at each write: redrawn in place on a terminal, one line each
+    otherwise (cluster logs).
 
     start_step: the step the run resumes from (0 for a fresh one); the logs' rows past it are
     dropped first (module docstring). None: the logs are appended to as they are."""
@@ -234,13 +235,17 @@ class MetricsLog:
         sys.stderr.flush()
 
     def _progress(self, step, metrics):
-        """'step 200/3000 loss=0.1234 51.2 steps/s ETA 55s', rates since the last write."""
+        """'step 200/3000 loss=0.1234 51.2 steps/s 12.3 TFLOP/s MFU 31% ETA 55s', rates since
+        the last write (TFLOP/s and MFU as the metrics give them, when they do)."""
         now = time.perf_counter()
         rate = (step - self._last[0]) / max(now - self._last[1], 1e-9)
         self._last = (step, now)
         loss = f" loss={metrics['loss']:.4g}" if "loss" in metrics else ""
+        flops = f" {_num(metrics['tflops_per_s'])} TFLOP/s" if "tflops_per_s" in metrics else ""
+        if "mfu" in metrics:
+            flops += f" MFU {_num(100 * metrics['mfu'], 2)}%"
         eta = _duration((self.total - step) / rate) if rate > 0 else "?"
-        return f"step {step}/{self.total}{loss} {rate:.3g} steps/s ETA {eta}"
+        return f"step {step}/{self.total}{loss} {rate:.3g} steps/s{flops} ETA {eta}"
 
     def close(self):
         if self.enabled:
@@ -248,6 +253,12 @@ class MetricsLog:
             self._tb.close()
             if self._tty:
                 sys.stderr.write("\n")
+
+
+def _num(x, digits=3):
+    """`x` to `digits` significant digits, whole numbers without an exponent from
+    10**(digits - 1) on: '12.3', '0.042', '1234'."""
+    return f"{x:.0f}" if abs(x) >= 10 ** (digits - 1) else f"{x:.{digits}g}"
 
 
 def _duration(seconds):

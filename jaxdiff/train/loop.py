@@ -4,6 +4,12 @@ grids and preemption handling, in a locked workdir. Given a mesh (`jaxdiff.train
 step is jitted with explicit in/out shardings and a checkpoint written on any mesh restores into
 the current one. Library functions take explicit keyword arguments; only `jaxdiff.cli` reads
 configs.
+
+The step is lowered and compiled ahead of time on its first batch, once, and that executable
+runs every step; XLA's cost analysis of it gives the FLOPs per step, and each log row adds
+`flops_per_step` (summed over the devices), `tflops_per_s` (achieved, over the steps since the
+previous row) and `mfu` (fraction of the devices' peak, `jaxdiff.train.mfu`; absent when the
+peak is unknown). Without a cost analysis the rows simply lack these fields.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from jaxdiff.train import parallel, rundir
+from jaxdiff.train import mfu, parallel, rundir
 from jaxdiff.train.checkpoint import Checkpointer, abstract
 from jaxdiff.train.logger import MetricsLog
 from jaxdiff.train.nonfinite import check_finite
@@ -45,7 +51,10 @@ def train(state, train_step, data, *, workdir, total_steps, log_every=100, ckpt_
         try:
             state = _resume(ckpt, state, data, description)
             step_fn, put = _compiled(train_step, state, mesh, rules, frozen)
-            logger = MetricsLog(workdir, total_steps, enabled=log and jax.process_index() == 0,
+            logging = log and jax.process_index() == 0
+            if logging:  # on CPU: time a GEMM now, not inside a logged interval
+                step_fn.measure_peak()
+            logger = MetricsLog(workdir, total_steps, enabled=logging,
                                 start_step=int(state.step))
             if log:
                 _announce(state, mesh)
@@ -71,18 +80,75 @@ def check_loop(**settings):
 
 
 def _compiled(train_step, state, mesh, rules, frozen=None):
-    """(jitted step, batch placement): plain jit without a mesh, else explicit shardings.
-    `frozen` (what the objective reads but does not train) is passed to every step as data,
-    replicated on the mesh."""
+    """(step, batch placement): the step is plain jit without a mesh, else jit with explicit
+    shardings, run through `AheadOfTime` (compiled once, FLOPs known). `frozen` (what the
+    objective reads but does not train) is passed to every step as data, replicated on the
+    mesh."""
     if mesh is None:
-        step_fn, put = jax.jit(train_step, donate_argnums=0), lambda batch: batch
+        jitted, put = jax.jit(train_step, donate_argnums=0), lambda batch: batch
+        devices = [jax.devices()[0]]
     else:
-        step_fn = parallel.jit_train_step(train_step, parallel.shardings_of(state), mesh, rules,
-                                          with_frozen=frozen is not None)
+        jitted = parallel.jit_train_step(train_step, parallel.shardings_of(state), mesh, rules,
+                                         with_frozen=frozen is not None)
         put = functools.partial(parallel.shard_batch, mesh=mesh)
-    if frozen is None:
-        return step_fn, put
-    return (lambda state, batch: step_fn(state, batch, frozen)), put
+        devices = list(mesh.devices.flat)
+    extra = () if frozen is None else (frozen,)
+    return AheadOfTime(jitted, extra, devices), put
+
+
+class AheadOfTime:
+    """`step(state, batch)` of a jitted train step `jitted(state, batch, *extra)`: the first
+    call lowers and compiles it for its arguments (the one compilation; donation and shardings
+    are the jitted function's) and reads the FLOPs from the compiled program; every call runs
+    that executable. Arguments of other types or shapes (which plain jit would compile anew
+    for) fall back to `jitted` from then on.
+
+    flops: FLOPs of one step summed over its `devices` (XLA's per-device figure × the device
+    count), None without a cost analysis. dtype: the matmul precision ("bf16" or "f32") the
+    peak is taken for."""
+
+    def __init__(self, jitted, extra=(), devices=None):
+        self.jitted, self.extra = jitted, tuple(extra)
+        self.devices = list(devices) if devices else [jax.devices()[0]]
+        self.run, self.flops, self.dtype = None, None, "f32"
+
+    def __call__(self, state, batch):
+        args = (state, batch, *self.extra)
+        if self.run is None:
+            lowered = self.jitted.lower(*args)
+            self.run = lowered.compile()
+            per_device = mfu.step_flops(self.run)
+            self.flops = None if per_device is None else per_device * len(self.devices)
+            self.dtype = mfu.matmul_dtype(lowered)
+        if self.run is self.jitted:
+            return self.jitted(*args)
+        try:
+            return self.run(*args)
+        except TypeError:  # checked before running (nothing donated): new argument types
+            self.run = self.jitted
+            return self.jitted(*args)
+
+    def measure_peak(self):
+        """Measures the CPU's GEMM rate ahead of the steps (cached; a table lookup elsewhere)."""
+        try:
+            mfu.peak_flops(self.devices[0])
+        except Exception:
+            pass
+
+    def utilization(self, steps_per_s):
+        """{flops_per_step, tflops_per_s, mfu} at `steps_per_s` (mfu only with a known peak;
+        {} without FLOPs)."""
+        if not self.flops:
+            return {}
+        try:
+            peak = mfu.peak_flops(self.devices[0], self.dtype)
+        except Exception:
+            peak = None
+        achieved, fraction = mfu.throughput(self.flops, steps_per_s, len(self.devices), peak)
+        out = {"flops_per_step": self.flops, "tflops_per_s": achieved / 1e12}
+        if fraction is not None:
+            out["mfu"] = fraction
+        return out
 
 
 def _announce(state, mesh):
@@ -117,8 +183,10 @@ def _loop(state, step_fn, put, data, ckpt, logger, total_steps, log_every, ckpt_
         if step % log_every == 0 or step == total_steps:
             metrics = jax.device_get(metrics)
             check_finite(metrics, step, ckpt)
-            dt = time.perf_counter() - t0
-            metrics["img_per_s"] = (step - n0) * len(batch["x"]) / max(dt, 1e-9)
+            dt = max(time.perf_counter() - t0, 1e-9)
+            metrics["img_per_s"] = (step - n0) * len(batch["x"]) / dt
+            if isinstance(step_fn, AheadOfTime):
+                metrics.update(step_fn.utilization((step - n0) / dt))
             logger.write(step, metrics)
             t0, n0 = time.perf_counter(), step
         stop = preempt is not None and preempt.should_stop(step)
