@@ -6,7 +6,7 @@ BASE := $(VENV)/.installed-base
 FULL := $(VENV)/.installed-test
 DEMO_DIR ?= runs/digits
 
-.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching bench-quantization bench-distillation bench-inverse bench-steering bench-pretrained bench-discrete clean
+.PHONY: demo test lint bench bench-samplers bench-kernels bench-caching bench-quantization bench-distillation bench-inverse bench-steering bench-pretrained bench-discrete bench-flaxdiff clean
 
 $(BASE): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -103,6 +103,18 @@ bench-pretrained: $(FULL)
 # first-hitting vs ancestral speed); benchmarks/out/discrete/, benchmarks/discrete.png. ~1.5 h.
 bench-discrete: testbed
 	$(BIN)/python benchmarks/discrete.py
+
+# jaxdiff vs flaxdiff (PyPI 0.2.11, a JAX/Flax peer) on matched UNet and DiT: train step and
+# 50-step DDIM, same run (benchmarks/out/flaxdiff_peer.json). flaxdiff's declared requirements
+# (albumentations, opencv, augmax, the orbax shim...) are not needed for its models, trainer step
+# and samplers, so it and clu (its trainer's one missing import) go without dependencies into
+# $(FLAXDIFF_DIR), outside the venv's site-packages; the script puts that on sys.path. ~4 CPU-min
+# (29 min wall at load average 6-9 on 2 cores, mostly compilation).
+FLAXDIFF_DIR := $(VENV)/flaxdiff-peer
+bench-flaxdiff: $(FULL)
+	test -d $(FLAXDIFF_DIR)/flaxdiff || $(BIN)/python -m pip install -q --no-deps \
+		--target $(FLAXDIFF_DIR) flaxdiff==0.2.11 clu==0.0.12
+	$(BIN)/python benchmarks/flaxdiff_peer.py --flaxdiff-path $(FLAXDIFF_DIR)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
