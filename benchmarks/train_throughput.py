@@ -17,7 +17,13 @@ fraction of peak divides jaxdiff's model FLOP/s by the larger measured float32 G
 2048^3 jnp matmul and torch.mm, both printed, timed in the same rotation as the train steps).
 
     python benchmarks/train_throughput.py [--quick] [--repeats 3] [--models dit,unet]
-        [--torch-compile auto|on|off] [--unet-batch 32]
+        [--torch-compile auto|on|off] [--unet-batch 32] [--xla-options KEY=VALUE[,KEY=VALUE]]
+
+`--xla-options` (repeatable) adds a contender: jaxdiff's same step compiled with those XLA
+debug options (`compile(compiler_options=...)`, e.g. xla_cpu_experimental_ynn_fusion_type=
+to turn YNNPACK fusions off), so XLA:CPU flags are compared within one run. Every contender
+also reports the process CPU seconds of its steps (all threads), which stay comparable when
+the machine is shared and wall times are not.
 
 Prints a table and writes benchmarks/out/train_throughput.json.
 """
@@ -25,6 +31,7 @@ Prints a table and writes benchmarks/out/train_throughput.json.
 from __future__ import annotations
 
 import os
+import time
 import traceback
 
 import _timing
@@ -75,8 +82,9 @@ def _jax_model(spec):
     return models.build("unet", **kw)
 
 
-def jax_case(spec, x, y):
-    """jaxdiff's jitted, state-donating train step on one fixed batch; compile excluded."""
+def jax_case(spec, x, y, compiler_options=None):
+    """jaxdiff's jitted, state-donating train step on one fixed batch; compile excluded.
+    `compiler_options`: XLA debug options for this compilation only (`--xla-options`)."""
     model, nc = _jax_model(spec), spec["num_classes"]
     tx, lr_fn = train.make_optimizer(lr=1e-4, total_steps=10**6, schedule="constant")
     state = train.init_state(model, tx, x_shape=x.shape[1:], num_classes=nc, seed=0,
@@ -86,7 +94,8 @@ def jax_case(spec, x, y):
     step = jax.jit(train.make_train_step(objective, tx, lr_fn, ema_decays=(0.9999,)),
                    donate_argnums=0)
     batch = {"x": jnp.asarray(x), "label": jnp.asarray(y)}
-    compiled, compile_s = _timing.timed(lambda: step.lower(state, batch).compile())
+    compiled, compile_s = _timing.timed(
+        lambda: step.lower(state, batch).compile(compiler_options=compiler_options))
     labels = (batch["label"][:1],) if nc else ()
     fwd = jax.jit(lambda p, x, *a: train.ModelApply(model)(p, x, jnp.zeros((1,)), *a))
     fwd_flops = _cost_flops(fwd.lower(state.params, batch["x"][:1], *labels).compile())
@@ -155,6 +164,11 @@ def run_case(spec, args, n_matmul):
     j = jax_case(spec, x, y)
     contenders["jaxdiff"], info["jaxdiff"] = j.pop("run"), j
     _timing.progress(f"{spec['name']}: jaxdiff step compiled in {j['compile_s']:.1f} s")
+    for options in args.xla_options:
+        label = "jaxdiff [" + ",".join(f"{k}={v}" for k, v in options.items()) + "]"
+        j = jax_case(spec, x, y, compiler_options=options)
+        contenders[label], info[label] = j.pop("run"), j
+        _timing.progress(f"{spec['name']}: {label} step compiled in {j['compile_s']:.1f} s")
     for label, comp in _torch_variants(args.torch_compile, args.quick).items():
         try:
             t = torch_case(spec, x, y, comp)
@@ -167,9 +181,22 @@ def run_case(spec, args, n_matmul):
         contenders[label], info[label] = t.pop("run"), t
         _timing.progress(f"{spec['name']}: {label} first call {t['first_call_s']:.1f} s")
     matmuls = matmul_contenders(n_matmul)
-    times = _timing.interleaved({**contenders, **matmuls}, repeats=args.repeats, pause=0.2)
+    cpu = {name: [] for name in contenders}
+    timed = {name: _with_cpu_time(fn, cpu[name]) for name, fn in contenders.items()}
+    times = _timing.interleaved({**timed, **matmuls}, repeats=args.repeats, pause=0.2)
     peak = peak_of({k: times.pop(k) for k in matmuls}, n_matmul)
+    for name, seconds in cpu.items():  # drop the warm-up call
+        info[name]["cpu_s_median"] = float(np.median(seconds[-args.repeats:]))
     return _summarise(spec, times, info, skipped, peak)
+
+
+def _with_cpu_time(fn, out):
+    """fn, appending the process CPU seconds (all threads) of each call to `out`."""
+    def run():
+        t0 = time.process_time()
+        fn()
+        out.append(time.process_time() - t0)
+    return run
 
 
 def _summarise(spec, times, info, skipped, peak):
@@ -211,10 +238,11 @@ def report(results, load):
             frac = (f"{100 * s['fraction_of_peak']:.0f}% ({100 * s['fraction_of_peak_best']:.0f}%)"
                     if "fraction_of_peak" in s else "")
             rows.append([r["model"], r["batch"], name, f"{s['params']:,}",
-                         f"{s['median_s']:.3f}", f"{s['min_s']:.3f}", f"{s['img_per_s']:.2f}",
+                         f"{s['median_s']:.3f}", f"{s['min_s']:.3f}", f"{s['cpu_s_median']:.3f}",
+                         f"{s['img_per_s']:.2f}",
                          f"{s['jaxdiff_speedup']:.2f}x ({s['jaxdiff_speedup_best']:.2f}x)", frac])
     head = ["model", "B", "implementation", "params", "step s (median)", "step s (min)",
-            "img/s", "jaxdiff speedup median (min)", "of matmul peak median (min)"]
+            "CPU s (median)", "img/s", "jaxdiff speedup median (min)", "of matmul peak median (min)"]
     lines = [_timing.table(head, rows), ""]
     for r in results:
         p = r["matmul_peak"]
@@ -255,6 +283,17 @@ def _extra_args(ap):
     ap.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
                     help="auto: compiled and eager, except eager only with --quick")
     ap.add_argument("--unet-batch", type=int, default=0, help="override the UNet batch size")
+    ap.add_argument("--xla-options", type=_xla_options, action="append", default=[],
+                    metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="also time jaxdiff's step compiled with these XLA options (repeatable)")
+
+
+def _xla_options(text):
+    """'k=v,k2=v2' -> {k: v, k2: v2} (a value may be empty: 'k=')."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if not pairs or any(len(p) != 2 or not p[0] for p in pairs):
+        raise ValueError(f"--xla-options {text!r}: expected KEY=VALUE[,KEY=VALUE]")
+    return dict(pairs)
 
 
 if __name__ == "__main__":

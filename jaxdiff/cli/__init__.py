@@ -28,6 +28,10 @@
                    default DIR: runs/digits/solve/<task>-<solver>)
     jaxdiff generate --model PATH --prompt "..." [--steps 25] [--guidance 7.5] [--out img.png]
                    (a pretrained diffusers pipeline folder, jaxdiff.pipelines; cli/generate.py)
+    jaxdiff plan   --config configs/imagenet256_dit_xl2.py --topology v5e-256
+                   [--mesh data=32,fsdp=8] [--remat none,full,dots_saveable] [--batch 256]
+                   (memory per device from an ahead-of-time compile, jaxdiff.train.plan;
+                   cli/plan.py; or --devices N --device-memory 16GiB)
     jaxdiff plot   --workdir runs/digits [--out curves.png]
     jaxdiff help [COMMAND], jaxdiff COMMAND --help: that command's usage (usage.py); --helpfull
                    adds every flag
@@ -82,6 +86,9 @@ def main(argv=None):
     if argv[1:2] == ["solve"]:  # its own argparse flags (cli/solve.py)
         from jaxdiff.cli import solve
         return solve.main(argv[2:])
+    if argv[1:2] == ["plan"]:  # its own argparse flags (cli/plan.py)
+        from jaxdiff.cli import plan
+        return plan.main(argv[2:])
     if argv[1:2] == ["generate"]:  # its own argparse flags (cli/generate.py)
         from jaxdiff.cli import generate
         return generate.main(argv[2:])

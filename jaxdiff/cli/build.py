@@ -116,13 +116,14 @@ def is_autoencoder(cfg):
     return cfg.model.get("name") == AUTOENCODER
 
 
-def model(cfg):
-    """config.model: {name, **architecture}; the image size comes from the dataset."""
+def model(cfg, info=None):
+    """config.model: {name, **architecture}; the image size comes from the dataset (`info`:
+    its `data_info`, read from the config when None)."""
     kw = dict(cfg.model)
     name = kw.pop("name")
     if name == AUTOENCODER:
         return autoencoder_model(kw)
-    info = data_info(cfg)
+    info = data_info(cfg) if info is None else info
     if info.get("tokens") or name == TOKEN_MODEL:
         return token_model(cfg, info)
     shape = info["shape"]

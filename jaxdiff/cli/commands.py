@@ -74,13 +74,15 @@ def train(config, workdir):
             sample_fn = _reconstruction_fn(config, model, workdir, mesh, t_start)
         if build.is_discrete(config):
             sample_fn = discrete_cli.sample_fn(config, model, process, workdir, t_start)
-        train_lib.train(state, _train_step(config, model, tx, lr_fn, process), data,
+        train_lib.train(state, build_train_step(config, model, tx, lr_fn, process), data,
                         workdir=workdir, total_steps=c.steps, log_every=c.log_every,
                         ckpt_every=c.ckpt_every, keep=c.keep, sample_every=c.sample_every,
                         sample_fn=sample_fn, description=build.description(config), mesh=mesh)
 
 
-def _train_step(config, model, tx, lr_fn, process):
+def build_train_step(config, model, tx, lr_fn, process):
+    """The run's pure train step (`make_train_step` around its objective: an autoencoder's,
+    a token run's or the diffusion loss), as `train` runs it and `jaxdiff plan` compiles it."""
     if build.is_autoencoder(config):
         objective = autoencoder_objective(model, **build.autoencoder_loss(config))
     elif build.is_discrete(config):

@@ -21,6 +21,8 @@ commands:
               trained run as the prior: dps, pigdm, ddnm, reddiff, dds (solve --help)
   generate    images from a pretrained diffusers pipeline folder: Stable Diffusion 1.x/2.x,
               SDXL, SD3, DiT (generate --help)
+  plan        memory per device of a config's train step on a target mesh (--devices,
+              --topology v5e-256), per remat policy, from an ahead-of-time compile (plan --help)
 
 example:
   jaxdiff train --config configs/toy2d.py --workdir runs/toy2d

@@ -28,6 +28,7 @@ from jaxdiff.models.layers import (
     TimestepEmbedder,
     check_guidance_input,
     dense,
+    maybe_remat,
     modulate,
     zeros,
 )
@@ -180,7 +181,7 @@ class DiT(nn.Module):
     # use shift 1 (`layers.timestep_embedding`) and its MLP LayerNorm eps 1e-5
     frequency_shift: float = 0.0
     mlp_norm_eps: float = 1e-6
-    remat: bool = False
+    remat: bool | str = False  # True, False or a policy name (`layers.REMAT_POLICIES`)
     attention_impl: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -208,7 +209,7 @@ class DiT(nn.Module):
         else:
             h = hidden.astype(self.dtype)
         c = self._conditioning(t, y, B, w)  # (B, D)
-        block = nn.remat(DiTBlock) if self.remat else DiTBlock
+        block = maybe_remat(DiTBlock, self.remat)
         args = (self.num_heads, self.mlp_ratio, self.attention_impl, self.mlp_norm_eps)
         for i in range(start, stop):
             h = block(*args, name=f"blocks.{i}", **kw)(h, c)  # (B, T, D)

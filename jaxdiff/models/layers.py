@@ -26,6 +26,43 @@ from jaxdiff.kernels.attention import MAX_HEAD_DIM, flash_attention
 from jaxdiff.models import partitioning
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+
+# A model's `remat` setting -> the `jax.checkpoint` policy of its rematerialised blocks (what the
+# backward pass keeps instead of recomputing). "none"/False: no remat; "full"/True: keep only the
+# block inputs (recompute everything else, nn.remat's default); the others are
+# `jax.checkpoint_policies` of that name, e.g. "dots_saveable" keeps matmul outputs.
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_policy(remat):
+    """(rematerialise?, policy) of a model's `remat` setting: False/True, or a name of
+    `REMAT_POLICIES` (True == "full", False == "none"). One-line ValueError otherwise."""
+    if isinstance(remat, (bool, np.bool_)):
+        return bool(remat), None
+    if isinstance(remat, str) and remat in REMAT_POLICIES:
+        return remat != "none", REMAT_POLICIES[remat]
+    raise ValueError(f"remat={remat!r} is not a remat policy; allowed: False, True, "
+                     f"{', '.join(REMAT_POLICIES)}")
+
+
+def maybe_remat(module, remat, **kwargs):
+    """`module` (a Flax module class) wrapped in `nn.remat` with the policy of `remat`
+    (`remat_policy`; kwargs such as static_argnums go to nn.remat), or unchanged for no remat."""
+    on, policy = remat_policy(remat)
+    if not on:
+        return module
+    return nn.remat(module, policy=policy, **kwargs) if policy is not None else nn.remat(
+        module, **kwargs)
+
+
 xavier_uniform = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros_init()
 
@@ -216,16 +253,51 @@ def _pallas_attention(q, k, v, mask):
 
 
 def _xla_attention(q, k, v, mask):
-    """Plain attention; logits and softmax in float32 at least (float64 inputs: float64)."""
+    """Plain attention; logits and softmax in float32 at least (float64 inputs: float64).
+
+    Computed heads-first, (B, H, S, D), with its own derivative rule (`_softmax_attention`)."""
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+    heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # (B, S, H, D) <-> (B, H, S, D)
+    return heads_first(_softmax_attention(heads_first(q), heads_first(k), heads_first(v), mask))
+
+
+def _attention_forward(q, k, v, mask):
+    """(weights P (B, H, S, T) in float32 at least, output P v (B, H, S, D)), heads-first."""
     scale = 1.0 / np.sqrt(q.shape[-1])
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    logits = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=acc) * scale
+    logits = jnp.einsum("bhsd,bhtd->bhst", q, k, preferred_element_type=acc) * scale
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(acc).min)
     weights = jax.nn.softmax(logits, axis=-1)  # (B, H, S, T)
     if mask is not None:  # a query that may attend to no key gets 0, as in the Pallas kernel
         weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
-    return jnp.einsum("bhst,bthd->bshd", weights.astype(v.dtype), v)
+    return weights, jnp.einsum("bhst,bhtd->bhsd", weights.astype(v.dtype), v)
+
+
+@jax.custom_jvp
+def _softmax_attention(q, k, v, mask):
+    """softmax(q kᵀ / √D) v heads-first; `mask` None or boolean, broadcastable to (B, H, S, T)."""
+    return _attention_forward(q, k, v, mask)[1]
+
+
+@_softmax_attention.defjvp
+def _softmax_attention_jvp(primals, tangents):
+    """do = (P ∘ dL) v - o · rowsum(P ∘ dL) + P dv, dL = (dq kᵀ + q dkᵀ) / √D: the same
+    derivative as autodiff's, written so that its transpose (the backward pass) takes the softmax
+    correction from rowsum(dO ∘ O) over D instead of rowsum(dP ∘ P) over the T keys, and never
+    differentiates through the masking. Forward mode and higher orders work as usual."""
+    (q, k, v, mask), (dq, dk, dv, _) = primals, tangents
+    weights, out = _attention_forward(q, k, v, mask)
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    acc = weights.dtype
+    dlogits = (jnp.einsum("bhsd,bhtd->bhst", dq, k, preferred_element_type=acc)
+               + jnp.einsum("bhsd,bhtd->bhst", q, dk, preferred_element_type=acc)) * scale
+    pdl = weights * dlogits  # 0 wherever the weight is 0 (masked keys, rows without keys)
+    dout = (jnp.einsum("bhst,bhtd->bhsd", pdl.astype(v.dtype), v)
+            - out * jnp.sum(pdl, axis=-1, keepdims=True).astype(out.dtype)
+            + jnp.einsum("bhst,bhtd->bhsd", weights.astype(v.dtype), dv))
+    return out, dout
 
 
 class MultiHeadAttention(nn.Module):

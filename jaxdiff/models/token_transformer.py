@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models.dit import DiTBlock, FinalLayer
-from jaxdiff.models.layers import LabelEmbedder, TimestepEmbedder
+from jaxdiff.models.layers import LabelEmbedder, TimestepEmbedder, maybe_remat
 
 _SIZES = {"tiny": (4, 128, 4), "S": (6, 256, 4), "M": (8, 384, 6), "L": (12, 768, 12)}
 TOKEN_PRESETS = {k: dict(depth=d, hidden_size=w, num_heads=h) for k, (d, w, h) in _SIZES.items()}
@@ -89,7 +89,7 @@ class TokenTransformer(nn.Module):
     # "learned" (a table, init N(0, 0.02)) or "sincos" (fixed 1-D sin-cos features, amplitude 1,
     # as DiT's 2-D ones): position information the blocks can use from the first step
     pos_embed: str = "learned"
-    remat: bool = False
+    remat: bool | str = False  # True, False or a policy name (`layers.REMAT_POLICIES`)
     attention_impl: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -127,7 +127,7 @@ class TokenTransformer(nn.Module):
         tt = jnp.broadcast_to(jnp.asarray(tt, jnp.float32), (B,))
         c = TimestepEmbedder(D, name="t_embedder", **kw)(tt * 1000.0)
         mask = jnp.tril(jnp.ones((L + 1, L + 1), bool))[None, None] if self.causal else None
-        block = nn.remat(DiTBlock) if self.remat else DiTBlock
+        block = maybe_remat(DiTBlock, self.remat)
         for i in range(self.depth):
             h = block(self.num_heads, self.mlp_ratio, self.attention_impl, name=f"blocks.{i}",
                       **kw)(h, c, mask)

@@ -25,6 +25,7 @@ from jaxdiff.models.layers import (
     TimestepEmbedder,
     check_guidance_input,
     dense,
+    maybe_remat,
     modulate,
     zeros,
 )
@@ -142,7 +143,7 @@ class UNet(nn.Module):
     out_channels: int | None = None
     norm_groups: int = 32
     time_scale: float = 1.0
-    remat: bool = False
+    remat: bool | str = False  # True, False or a policy name (`layers.REMAT_POLICIES`)
     attention_impl: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -211,13 +212,14 @@ class UNet(nn.Module):
         return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     def _block(self, cls, name, *args):
-        """A residual or attention block, wrapped in nn.remat when `remat` (train is static)."""
+        """A residual or attention block, wrapped in nn.remat with the policy of `remat`
+        (`layers.maybe_remat`; train is static)."""
         if cls is ResBlock:
-            cls = nn.remat(cls, static_argnums=(3,)) if self.remat else cls
+            cls = maybe_remat(cls, self.remat, static_argnums=(3,))
             out, split = (*args, 0)[:2]
             return cls(out, self.dropout, self.norm_groups, split=split, name=name,
                        **self._kw())
-        cls = nn.remat(cls) if self.remat else cls
+        cls = maybe_remat(cls, self.remat)
         return cls(self.num_heads, self.norm_groups, self.attention_impl, name=name, **self._kw())
 
     def _down_level(self, level, mult, h, emb, context, train, skips, stop):
