@@ -242,7 +242,8 @@ def report(results, load):
                          f"{s['img_per_s']:.2f}",
                          f"{s['jaxdiff_speedup']:.2f}x ({s['jaxdiff_speedup_best']:.2f}x)", frac])
     head = ["model", "B", "implementation", "params", "step s (median)", "step s (min)",
-            "CPU s (median)", "img/s", "jaxdiff speedup median (min)", "of matmul peak median (min)"]
+            "CPU s (median)", "img/s", "jaxdiff speedup median (min)",
+            "of matmul peak median (min)"]
     lines = [_timing.table(head, rows), ""]
     for r in results:
         p = r["matmul_peak"]
