@@ -250,3 +250,23 @@ def test_time_agnostic_network_gates_learn_through_their_weights():
     a = m.apply({"params": p1}, x, jnp.full((2,), 0.9))
     b = m.apply({"params": p1}, x, jnp.full((2,), 0.1))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_zero_adaln_input_learns_through_biases_only_and_bad_choice_is_one_line():
+    V, L = 5, 6
+    x = jax.random.randint(jax.random.PRNGKey(1), (2, L), 0, V + 1)
+    m = TokenTransformer(vocab_size=V, seq_len=L, hidden_size=16, depth=1, num_heads=2,
+                         adaln_input="zero")
+    params = flax.linen.meta.unbox(m.init(jax.random.PRNGKey(0), x)["params"])
+    assert "t_embedder" not in params
+
+    def loss(p):
+        return -jax.nn.log_softmax(m.apply({"params": p}, x))[..., 0].mean()
+
+    p1 = jax.tree.map(lambda a, b: a - 0.1 * b, params, jax.grad(loss)(params))
+    g = jax.grad(loss)(p1)["blocks.0"]["adaLN_modulation.1"]
+    assert float(jnp.abs(g["kernel"]).max()) == 0.0 and float(jnp.abs(g["bias"]).max()) > 1e-6
+    bad = TokenTransformer(vocab_size=V, seq_len=L, hidden_size=16, depth=1, num_heads=2,
+                           adaln_input="time")
+    with pytest.raises(ValueError, match="adaln_input='time' is unknown; allowed: constant, zero"):
+        bad.init(jax.random.PRNGKey(0), x)
