@@ -25,12 +25,17 @@ to turn YNNPACK fusions off), so XLA:CPU flags are compared within one run. Ever
 also reports the process CPU seconds of its steps (all threads), which stay comparable when
 the machine is shared and wall times are not.
 
+The script restarts itself with the `jaxdiff` command's host malloc settings on a CPU host
+(`jaxdiff.cli.hostmalloc`: freed XLA buffers stay in the process, no page faults per step);
+`JAXDIFF_HOST_MALLOC=system` runs it with glibc's defaults instead, for the before/after.
+
 Prints a table and writes benchmarks/out/train_throughput.json.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 
@@ -252,11 +257,26 @@ def report(results, load):
             f"({r['flops_method']}); f32 GEMM {p['n']}^3 in the same rotation, median (best) "
             f"GFLOP/s: {_gflops(p, 'jax')}, {_gflops(p, 'torch')}; "
             f"skipped: {r['skipped'] or 'none'}")
-    lines.append(f"load average before/after: {load[0]} / {load[1]}")
+    lines.append(f"load average before/after: {load[0]} / {load[1]}; host malloc: "
+                 f"{host_malloc()}")
     return "\n".join(lines)
 
 
+def host_malloc():
+    """The host malloc settings this process runs with (`jaxdiff.cli.hostmalloc`)."""
+    from jaxdiff.cli import hostmalloc
+
+    set_ = {k: os.environ[k] for k in hostmalloc.ENV if k in os.environ}
+    return "jaxdiff (" + ", ".join(f"{k}={v}" for k, v in set_.items()) + ")" if set_ else \
+        "glibc defaults"
+
+
 def main():
+    from jaxdiff.cli import hostmalloc
+
+    # as the `jaxdiff` command does on a CPU host (JAXDIFF_HOST_MALLOC=system: glibc defaults);
+    # both frameworks run in this process, so both get the same settings
+    hostmalloc.reexec(sys.argv)
     ap, args = _timing.parse_args(__doc__.splitlines()[0], repeats=3, extra=_extra_args)
     unknown = sorted(set(args.models) - set(FULL))
     if unknown:
@@ -274,7 +294,8 @@ def main():
     text = report(results, load)
     print(text)
     path = _timing.write_json(args.out, "train_throughput", dict(
-        machine=_timing.machine(), load_avg_before=load[0], load_avg_after=load[1],
+        machine=_timing.machine(), host_malloc=host_malloc(), load_avg_before=load[0],
+        load_avg_after=load[1],
         quick=args.quick, results=results))
     print(f"wrote {path}")
 

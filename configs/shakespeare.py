@@ -23,7 +23,10 @@ def get_config(variant="masked"):
     if variant not in allowed:
         raise ValueError(f"variant {variant!r} is unknown; allowed: {', '.join(allowed)}")
     c = ConfigDict()
-    c.model = dict(name="token_transformer", hidden_size=128, depth=4, num_heads=4, remat=False)
+    # rotary positions (as MDLM): 3.05 vs 3.56 bits/char for the masked model with a learned
+    # position table, 2.20 vs 2.49 for the AR baseline (1200 steps, measured)
+    c.model = dict(name="token_transformer", hidden_size=128, depth=4, num_heads=4, remat=False,
+                   pos_embed="rope")
     c.process = dict(name="masked", schedule="linear")
     # loss may also name estimator="count": the NELBO's time-agnostic form as the training
     # estimator (lower variance) instead of MDLM's one-t-per-sequence "time" (the default)

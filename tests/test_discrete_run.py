@@ -225,9 +225,45 @@ def test_sincos_positions_are_fixed_and_bad_choice_is_one_line():
     params = m.init(jax.random.PRNGKey(0), x)["params"]
     assert "pos_embed" not in params and m.apply({"params": params}, x).shape == (1, 4, 5)
     bad = TokenTransformer(vocab_size=5, seq_len=4, hidden_size=8, depth=1, num_heads=2,
-                           pos_embed="rope")
-    with pytest.raises(ValueError, match="pos_embed='rope' is unknown; allowed: learned, sincos"):
+                           pos_embed="alibi")
+    with pytest.raises(ValueError, match="pos_embed='alibi' is unknown; allowed: learned, sincos, "
+                                         "rope"):
         bad.init(jax.random.PRNGKey(0), x)
+
+
+def test_rotary_positions_are_relative_and_keep_the_causal_mask():
+    from jaxdiff.models.layers import MultiHeadAttention, apply_rope, rope_tables
+
+    cos, sin = rope_tables(12, 8)
+    q, k = jax.random.normal(jax.random.PRNGKey(0), (2, 8))
+    rot = lambda a: apply_rope(jnp.broadcast_to(a, (1, 12, 1, 8)), cos, sin)[0, :, 0]  # noqa
+    rq, rk = rot(q), rot(k)
+    assert np.allclose(jnp.linalg.norm(rq, axis=-1), jnp.linalg.norm(q), rtol=1e-5)
+    assert np.allclose(rq[0], q) and np.allclose(rk[0], k)  # position 0: no rotation
+    dots = np.asarray(rq @ rk.T)  # q at position i, k at j: a function of i - j alone
+    for d in (-3, 0, 2, 5):
+        diag = np.diagonal(dots, offset=-d)
+        assert np.allclose(diag, diag[0], atol=1e-4)
+    assert not np.isclose(dots[3, 1], dots[1, 3])
+    x = jnp.zeros((1, 4, 8))
+    mha = MultiHeadAttention(2)
+    v = mha.init(jax.random.PRNGKey(0), x, x)
+    with pytest.raises(ValueError, match="rope.*self-attention only"):
+        mha.apply(v, x, x, rope=rope_tables(4, 4))
+    # the token network with rotary positions has no position table and stays causal
+    xs = jnp.array([[0, 1, 2, 3, 4, 0]], jnp.int32)
+    for causal in (True, False):
+        m = TokenTransformer(vocab_size=5, seq_len=8, hidden_size=16, depth=2, num_heads=2,
+                             pos_embed="rope", causal=causal)
+        v = _params(m, xs)
+        assert "pos_embed" not in v["params"]
+        out = m.apply(v, xs)
+        changed = jnp.abs(m.apply(v, xs.at[:, 3].set(2)) - out).max(axis=(0, 2))
+        assert (np.all(np.asarray(changed[:4]) == 0) if causal else changed[0] > 1e-4)
+        assert np.all(changed[4:] > 1e-4)
+        # a token's identity at another position changes the logits: positions are seen
+        swapped = m.apply(v, xs.at[:, 1].set(2).at[:, 2].set(1))
+        assert float(jnp.abs(swapped[:, 5] - out[:, 5]).max()) > 1e-4
 
 
 def test_time_agnostic_network_gates_learn_through_their_weights():

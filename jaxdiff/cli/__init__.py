@@ -36,6 +36,9 @@
     jaxdiff help [COMMAND], jaxdiff COMMAND --help: that command's usage (usage.py); --helpfull
                    adds every flag
 
+On a CPU host the command restarts itself once with glibc malloc settings that keep XLA's freed
+step buffers in the process (cli/hostmalloc.py; JAXDIFF_HOST_MALLOC=system opts out).
+
 Every failure is one line on stderr naming the bad value and what is allowed, and exits
 non-zero (2: the flags, the config file or the paths, checked before anything heavy is
 imported; 1: what the run's config, the data or the device refuse) without writing anything.
@@ -73,6 +76,14 @@ RUN_SECTIONS = ("model", "process", "loss", "sampler", "data")  # what config.js
 
 
 def main(argv=None):
+    if argv is None:  # a process of its own: start over with the host malloc settings
+        from jaxdiff.cli import hostmalloc
+
+        try:
+            hostmalloc.reexec(["-m", "jaxdiff.cli", *sys.argv[1:]])
+        except ValueError as e:
+            print(f"jaxdiff: error: {first_line(e)}", file=sys.stderr)
+            return 2
     argv = list(sys.argv if argv is None else argv)
     if argv[1:2] == ["tune-sampler"]:  # its own argparse flags (cli/tune.py)
         from jaxdiff.cli import tune

@@ -114,14 +114,14 @@ class DiTBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, c, mask=None):  # x (B, T, D), c (B, D); mask as `layers.attention`'s
+    def __call__(self, x, c, mask=None, rope=None):  # x (B,T,D), c (B,D); mask: `attention`'s
         D = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         mod = dense(6 * D, ("embed", "mlp"), name="adaLN_modulation.1", init=zeros, **kw)
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod(nn.silu(c)), 6, axis=-1)
         attn = MultiHeadAttention(self.num_heads, self.attention_impl, name="attn", **kw)
         x = x + gate1[:, None] * attn(modulate(_layer_norm(x, self.dtype), shift1, scale1),
-                                      mask=mask)
+                                      mask=mask, rope=rope)
         mlp = Mlp(int(D * self.mlp_ratio), name="mlp", **kw)
         h = modulate(_layer_norm(x, self.dtype, self.mlp_norm_eps), shift2, scale2)
         x = x + gate2[:, None] * mlp(h)

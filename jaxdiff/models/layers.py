@@ -300,9 +300,30 @@ def _softmax_attention_jvp(primals, tangents):
     return out, dout
 
 
+def rope_tables(length, head_dim, base=10000.0):
+    """Rotary position tables (Su et al. 2021, RoFormer): (cos, sin), each (length, head_dim / 2)
+    float32, of the angles p·θ_i with θ_i = base^(-2i / head_dim) for positions p = 0..length-1."""
+    if head_dim % 2:
+        raise ValueError(f"head dimension {head_dim} must be even for rotary embeddings")
+    theta = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.arange(length, dtype=np.float64)[:, None] * theta[None]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, S, H, D) with the pairs (x_i, x_{i + D/2}) rotated by the angles of `rope_tables`
+    ((S, D/2) each; the "rotate-half" layout of GPT-NeoX), computed in float32 at least, so that
+    q·k depends on the positions only through their difference."""
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    x1, x2 = jnp.split(x.astype(acc), 2, axis=-1)
+    cos, sin = (jnp.asarray(a, acc)[None, :, None, :] for a in (cos, sin))
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention (Vaswani et al. 2017) with timm's names: fused `qkv` for
-    self-attention, `q` and `kv` for cross-attention to a context, output projection `proj`."""
+    self-attention, `q` and `kv` for cross-attention to a context, output projection `proj`.
+    `rope` = `rope_tables(S, D / num_heads)` rotates queries and keys of self-attention."""
 
     num_heads: int
     implementation: str | None = None
@@ -311,7 +332,7 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context=None, mask=None):  # x (B, S, D), context (B, T, D_ctx)
+    def __call__(self, x, context=None, mask=None, rope=None):  # x (B,S,D), context (B,T,D_ctx)
         B, S, D = x.shape
         if D % self.num_heads:
             raise ValueError(f"width {D} is not divisible by num_heads={self.num_heads}")
@@ -324,6 +345,10 @@ class MultiHeadAttention(nn.Module):
             q = split(dense(D, ("embed", "heads"), name="q", **kw)(x), 1)[:, :, 0]
             kv = split(dense(2 * D, (None, "heads"), name="kv", **kw)(context), 2)  # (B,T,2,H,Dh)
             k, v = kv[:, :, 0], kv[:, :, 1]
+        if rope is not None:
+            if context is not None:
+                raise ValueError("rotary embeddings (rope) apply to self-attention only")
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, mask=mask, implementation=self.implementation)  # (B, S, H, Dh)
         proj = dense(D, ("heads", "embed"), name="proj", init=self.out_init, **kw)
         return proj(out.reshape(B, S, D))

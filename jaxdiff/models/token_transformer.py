@@ -4,7 +4,8 @@ autoregressive baseline of the same size that such models are compared against.
 
 The sequence the blocks see is one condition token (a learned start token, or the class label's
 embedding for a class-conditional model, row `num_classes` being the classifier-free-guidance
-null label) followed by the L token embeddings, with learned position embeddings. The blocks are
+null label) followed by the L token embeddings, with learned, sin-cos or rotary position
+embeddings (`pos_embed`). The blocks are
 `dit.DiTBlock` (adaLN-Zero); masked models are time-agnostic (Ou et al. 2024: the ideal denoiser
 does not depend on t), so by default the adaLN input is the time embedder's output at t = 0, a
 learned constant (MDLM's choice; `adaln_input="zero"` feeds zeros instead, which leaves the
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models.dit import DiTBlock, FinalLayer
-from jaxdiff.models.layers import LabelEmbedder, TimestepEmbedder, maybe_remat
+from jaxdiff.models.layers import LabelEmbedder, TimestepEmbedder, maybe_remat, rope_tables
 
 _SIZES = {"tiny": (4, 128, 4), "S": (6, 256, 4), "M": (8, 384, 6), "L": (12, 768, 12)}
 TOKEN_PRESETS = {k: dict(depth=d, hidden_size=w, num_heads=h) for k, (d, w, h) in _SIZES.items()}
@@ -90,9 +91,11 @@ class TokenTransformer(nn.Module):
     # the adaLN input of a time-agnostic model: "constant" (the time embedder at t = 0, a learned
     # vector, as MDLM) or "zero" (the modulations are then learned biases alone)
     adaln_input: str = "constant"
-    # "learned" (a table, init N(0, 0.02)) or "sincos" (fixed 1-D sin-cos features, amplitude 1,
-    # as DiT's 2-D ones): position information the blocks can use from the first step
+    # "learned" (a table added to the input, init N(0, 0.02)), "sincos" (fixed 1-D sin-cos
+    # features added to the input, amplitude 1, as DiT's 2-D ones) or "rope" (rotary embeddings
+    # of queries and keys in every block, RoFormer; MDLM's choice): relative positions
     pos_embed: str = "learned"
+    rope_base: float = 10000.0
     remat: bool | str = False  # True, False or a policy name (`layers.REMAT_POLICIES`)
     attention_impl: str | None = None
     dtype: Any = jnp.float32
@@ -113,16 +116,20 @@ class TokenTransformer(nn.Module):
                                                         ("vocab", "embed")))
         h = embed(self.vocab_size + 1, "token_embedder")(x)  # (B, L, D)
         h = jnp.concatenate([self._condition(y, B)[:, None].astype(h.dtype), h], axis=1)
+        rope = None
         if self.pos_embed == "sincos":
             pos = sincos_pos_embed_1d(D, self.seq_len + 1)
         elif self.pos_embed == "learned":
             pos = self.param("pos_embed", nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), (None, "embed")), (self.seq_len + 1, D),
                 self.param_dtype)
+        elif self.pos_embed == "rope":
+            pos, rope = None, rope_tables(L + 1, D // self.num_heads, self.rope_base)
         else:
             raise ValueError(f"pos_embed={self.pos_embed!r} is unknown; allowed: learned, "
-                             "sincos")
-        h = h + jnp.asarray(pos[:L + 1], self.dtype)[None]
+                             "sincos, rope")
+        if pos is not None:
+            h = h + jnp.asarray(pos[:L + 1], self.dtype)[None]
         # adaLN input: the time embedding, or (time-agnostic) the same embedder at t = 0, a
         # learned constant as in MDLM; with c = 0 ("zero") the adaLN-Zero gates learn through
         # their biases alone, D times slower than through the weights (Shakespeare, 1200 steps:
@@ -141,7 +148,7 @@ class TokenTransformer(nn.Module):
         block = maybe_remat(DiTBlock, self.remat)
         for i in range(self.depth):
             h = block(self.num_heads, self.mlp_ratio, self.attention_impl, name=f"blocks.{i}",
-                      **kw)(h, c, mask)
+                      **kw)(h, c, mask, rope)
         logits = FinalLayer(1, self.vocab_size, name="final_layer", **kw)(h, c)  # (B, L+1, V)
         logits = logits[:, :L] if self.causal else logits[:, 1:]
         return logits.astype(jnp.float32)
