@@ -8,8 +8,8 @@ sampler.
 
 Expect (2 CPU cores): 1200 steps in ~15 minutes each alone (24 minutes measured beside other
 jobs); runs/*/samples/*.txt and report.json with the validation bits per character (the
-NELBO's for the masked model, 3.57 measured; the exact one for the autoregressive baseline
-`:ar`, the same network with a causal mask and the same budget, 2.49–2.52).
+NELBO's for the masked model, 3.05 measured; the exact one for the autoregressive baseline
+`:ar`, the same network with a causal mask and the same budget, 2.20).
 benchmarks/discrete.py trains both and compares them (RESULTS.md, "Discrete diffusion").
 
 Variants: `:ar` (autoregressive baseline), `:uniform` (uniform-noise process).

@@ -42,7 +42,7 @@ def test_the_command_restarts_with_the_settings_and_opts_out():
                                      capture_output=True, text=True, check=True).stdout.strip()
     assert run(_env()) == "0"
     assert run(_env(JAXDIFF_HOST_MALLOC="system")) == "None"
-    bad = subprocess.run([sys.executable, "-m", "jaxdiff.cli", "plot"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "jaxdiff.cli", "train"], capture_output=True,
                          text=True, env=_env(JAXDIFF_HOST_MALLOC="nope"))
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("jaxdiff: error: JAXDIFF_HOST_MALLOC='nope' is unknown; "

@@ -36,8 +36,8 @@
     jaxdiff help [COMMAND], jaxdiff COMMAND --help: that command's usage (usage.py); --helpfull
                    adds every flag
 
-On a CPU host the command restarts itself once with glibc malloc settings that keep XLA's freed
-step buffers in the process (cli/hostmalloc.py; JAXDIFF_HOST_MALLOC=system opts out).
+On a CPU host a command that computes restarts itself once with glibc malloc settings that keep
+XLA's freed step buffers in the process (cli/hostmalloc.py; JAXDIFF_HOST_MALLOC=system opts out).
 
 Every failure is one line on stderr naming the bad value and what is allowed, and exits
 non-zero (2: the flags, the config file or the paths, checked before anything heavy is
@@ -72,12 +72,16 @@ from jaxdiff.cli.flags import (
 
 COMMANDS = ("train", "sample", "eval", "plot")
 HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
+# the commands that run XLA steps (the others stay one process: help, plan, plot, errors)
+COMPUTE_COMMANDS = ("train", "sample", "eval", "distill", "quantize", "solve", "tune-sampler",
+                    "generate")
 RUN_SECTIONS = ("model", "process", "loss", "sampler", "data")  # what config.json must hold
 
 
 def main(argv=None):
-    if argv is None:  # a process of its own: start over with the host malloc settings
-        from jaxdiff.cli import hostmalloc
+    if argv is None and sys.argv[1:2] and sys.argv[1] in COMPUTE_COMMANDS and not (
+            set(sys.argv) & set(HELP_FLAGS)):  # a run in a process of its own: start over
+        from jaxdiff.cli import hostmalloc  # with the host malloc settings
 
         try:
             hostmalloc.reexec(["-m", "jaxdiff.cli", *sys.argv[1:]])
