@@ -29,7 +29,7 @@ setup(
         "tokenizers>=0.20",  # their tokenizer files (CLIP BPE), for text-to-image pipelines
     ],
     package_data={"jaxdiff.eval": ["digits_features.npz"]},
-    entry_points={"console_scripts": ["jaxdiff=jaxdiff.cli:main"]},
+    entry_points={"console_scripts": ["jaxdiff=jaxdiff.cli:entry"]},
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9",
                  "ipykernel>=6.0", "tensorboard>=2.15"],

@@ -272,11 +272,6 @@ def host_malloc():
 
 
 def main():
-    from jaxdiff.cli import hostmalloc
-
-    # as the `jaxdiff` command does on a CPU host (JAXDIFF_HOST_MALLOC=system: glibc defaults);
-    # both frameworks run in this process, so both get the same settings
-    hostmalloc.reexec(sys.argv)
     ap, args = _timing.parse_args(__doc__.splitlines()[0], repeats=3, extra=_extra_args)
     unknown = sorted(set(args.models) - set(FULL))
     if unknown:
@@ -319,4 +314,10 @@ def _xla_options(text):
 
 
 if __name__ == "__main__":
+    from jaxdiff.cli import hostmalloc
+
+    # as the `jaxdiff` command does on a CPU host (JAXDIFF_HOST_MALLOC=system: glibc defaults);
+    # both frameworks run in this process, so both get the same settings. Only as a script:
+    # main() called in-process (the tests) must not replace its caller's process.
+    hostmalloc.reexec(sys.argv)
     main()

@@ -27,6 +27,18 @@ def test_when_the_settings_apply():
         hostmalloc.wanted({hostmalloc.SWITCH: "tcmalloc"}, **LINUX)
 
 
+def test_never_replaces_a_test_process_or_an_in_process_main(monkeypatch):
+    import jaxdiff.cli as cli
+
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setattr(hostmalloc, "wanted", lambda *a, **k: True)
+    hostmalloc.reexec(["-c", "pass"])  # pytest is imported: a no-op
+    monkeypatch.setattr(sys, "argv", ["jaxdiff", "train", "--help"])
+    assert cli.main(["jaxdiff", "help"]) == 0  # main() itself never restarts
+    assert calls == []
+
+
 def _env(**extra):
     env = {k: v for k, v in os.environ.items()
            if k not in hostmalloc.ENV and k != hostmalloc.SWITCH}
@@ -60,7 +72,7 @@ w, x = [jnp.full((512, 512), 0.01)] * 3, jnp.ones((16384, 512))
 for _ in range(8):                     # past the heap's growth to its steady state
     step(w, x)[0].block_until_ready()
 r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(10):
     step(w, x)[0].block_until_ready()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
 """
@@ -75,6 +87,7 @@ def test_repeated_steps_stop_faulting_in_their_buffers():
         check=True).stdout.split()[-1])
     system, ours = faults(_env(JAXDIFF_HOST_MALLOC="system")), faults(_env())
     # glibc's defaults: the activations are mmap'd anew each step (measured: ~66 k pages of
-    # 4 KiB per step); with the settings the heap reaches a steady state (measured: 0)
-    assert system >= 5 * 8192
-    assert ours < 0.05 * system
+    # 4 KiB per step); with the settings the heap reaches a steady state (measured: 0 in most
+    # runs, one late heap growth of ~80 k pages in some)
+    assert system >= 10 * 8192
+    assert ours < 0.2 * system

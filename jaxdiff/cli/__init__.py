@@ -78,16 +78,22 @@ COMPUTE_COMMANDS = ("train", "sample", "eval", "distill", "quantize", "solve", "
 RUN_SECTIONS = ("model", "process", "loss", "sampler", "data")  # what config.json must hold
 
 
-def main(argv=None):
-    if argv is None and sys.argv[1:2] and sys.argv[1] in COMPUTE_COMMANDS and not (
-            set(sys.argv) & set(HELP_FLAGS)):  # a run in a process of its own: start over
-        from jaxdiff.cli import hostmalloc  # with the host malloc settings
+def entry():
+    """The `jaxdiff` console command (and `python -m jaxdiff.cli`): a run that computes restarts
+    once with the host malloc settings (cli/hostmalloc.py), then `main`. Only here: `main()`
+    called in-process (tests, notebooks) never replaces its caller's process."""
+    if sys.argv[1:2] and sys.argv[1] in COMPUTE_COMMANDS and not set(sys.argv) & set(HELP_FLAGS):
+        from jaxdiff.cli import hostmalloc
 
         try:
             hostmalloc.reexec(["-m", "jaxdiff.cli", *sys.argv[1:]])
         except ValueError as e:
             print(f"jaxdiff: error: {first_line(e)}", file=sys.stderr)
             return 2
+    return main()
+
+
+def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
     if argv[1:2] == ["tune-sampler"]:  # its own argparse flags (cli/tune.py)
         from jaxdiff.cli import tune

@@ -1,5 +1,5 @@
 import sys
 
-from jaxdiff.cli import main
+from jaxdiff.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -55,8 +55,9 @@ def wanted(environ=None, *, system=None, libc=None, accelerator=None):
 
 def reexec(args):
     """Replaces this process by `python ARGS` with `ENV` added when `wanted()`; returns (doing
-    nothing) otherwise. Call it before anything heavy has run: the process starts over."""
-    if not wanted():
+    nothing) otherwise. Call it before anything heavy has run: the process starts over. Never
+    inside a test run (pytest imported): that would replace the test process itself."""
+    if "pytest" in sys.modules or not wanted():
         return
     sys.stdout.flush()
     sys.stderr.flush()
